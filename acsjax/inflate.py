@@ -1,0 +1,297 @@
+"""2D -> 3D / ACS / 2.5D parameter transforms over pytrees.
+
+Every transform here is a pure function of a parameter pytree: NNX ``State``,
+plain nested dicts and Linen ``{'params': ...}`` variables alike, eager or
+under ``jax.jit`` (pass the string options as static arguments).
+
+A leaf is a 2D convolution kernel when its path ends in ``kernel`` and it has 4
+dimensions (HWIO). Everything else (biases, norm scales and statistics, dense
+kernels) passes through unchanged.
+
+All depth-inflating methods share one rule: the 3D kernel is the 2D kernel
+repeated along the new axis, tap ``t`` scaled by a weight ``w_t``. The methods
+differ only in their weights (the table ``_TAP_WEIGHTS``):
+
+=========  =====================================  ==========================
+method     w_t                                    property
+=========  =====================================  ==========================
+center     1 at ``position``, 0 elsewhere          slice-by-slice 2D net
+average    1 / T                                   I3D, boring-volume exact
+scale      alpha_t > 0, sum alpha = 1              boring-volume exact
+2.5d       T = 1, w = (1,)                         (1, kh, kw) kernels
+acs        kernel kept 2D (ACS layers use it)      see :func:`acs_to_3d`
+=========  =====================================  ==========================
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from acsjax.ops import ACS_GROUPS, acs_kernel_split, plane_kernel_3d
+from acsjax.trees import leaf_name, path_str
+
+PLANES = {"axial": 0, "coronal": 1, "sagittal": 2}
+ALPHA_PROFILES = ("triangular", "gaussian", "uniform")
+_RULE_KEYS = frozenset({"method", "depth", "alphas", "position", "plane"})
+
+
+def alpha_profile(name: str, depth: int) -> np.ndarray:
+    """Named positive weight profiles that sum to one, centred on the middle tap.
+
+    'triangular': w_t proportional to (T + 1) / 2 - |t - (T - 1) / 2| (T=3: 1/4, 1/2, 1/4);
+    'gaussian': a Gaussian with sigma = T / 4 (T=3: 0.23, 0.55, 0.23);
+    'uniform': 1 / T, the same as ``method='average'``.
+    """
+    t = np.arange(depth, dtype=np.float64) - (depth - 1) / 2
+    if name == "triangular":
+        w = (depth + 1) / 2 - np.abs(t)
+    elif name == "gaussian":
+        w = np.exp(-0.5 * (t / (depth / 4)) ** 2)
+    elif name == "uniform":
+        w = np.ones(depth)
+    else:
+        raise ValueError(f"unknown alpha profile {name!r}; choose one of {', '.join(ALPHA_PROFILES)}")
+    return w / w.sum()
+
+
+def _scale_weights(depth: int, alphas, position, path: str) -> np.ndarray:
+    if alphas is None:
+        alphas = "triangular"
+    if isinstance(alphas, str):
+        return alpha_profile(alphas, depth)
+    try:
+        a = np.asarray(alphas, dtype=np.float64)
+    except Exception as err:  # a traced array cannot be validated
+        raise TypeError(f"{path}: alphas must be concrete numbers or a profile name, got {type(alphas)}") from err
+    if a.ndim != 1 or a.shape[0] != depth:
+        raise ValueError(f"{path}: alphas has shape {a.shape}, the kernel's depth needs ({depth},)")
+    if not np.all(a > 0):
+        raise ValueError(f"{path}: alphas must all be positive, got {a.tolist()}")
+    if not math.isclose(a.sum(), 1.0, rel_tol=0, abs_tol=1e-6):
+        raise ValueError(f"{path}: alphas must sum to 1, got sum {a.sum():.6g}")
+    return a
+
+
+def _center_weights(depth: int, alphas, position, path: str) -> np.ndarray:
+    if position == "center":
+        index = depth // 2
+    elif position == "first":
+        index = 0
+    elif isinstance(position, (int, np.integer)) and -depth <= position < depth:
+        index = int(position) % depth
+    else:
+        raise ValueError(f"{path}: position must be 'center', 'first' or an index in [0, {depth}), got {position!r}")
+    w = np.zeros(depth)
+    w[index] = 1.0
+    return w
+
+
+_TAP_WEIGHTS: dict[str, Callable[[int, Any, Any, str], np.ndarray]] = {
+    "center": _center_weights,
+    "average": lambda depth, alphas, position, path: np.full(depth, 1.0 / depth),
+    "scale": _scale_weights,
+    "2.5d": lambda depth, alphas, position, path: np.ones(1),
+}
+_ALIASES = {"zero": "center", "i3d": "average"}
+METHODS = ("center", "zero", "average", "scale", "2.5d", "acs")
+
+
+def _canonical_method(method: str) -> str:
+    name = _ALIASES.get(method, method)
+    if name not in _TAP_WEIGHTS and name != "acs":
+        raise ValueError(f"unknown inflation method {method!r}; choose one of {', '.join(METHODS)}")
+    return name
+
+
+def _check_2d_kernel(kernel, path: str) -> None:
+    if jnp.ndim(kernel) != 4:
+        raise ValueError(f"{path}: expected a 2-D convolution kernel (kh, kw, in, out), got shape {jnp.shape(kernel)}")
+
+
+def inflate_kernel(
+    kernel: jax.Array,
+    method: str = "scale",
+    *,
+    depth: int | None = None,
+    alphas: Sequence[float] | str | None = None,
+    position: str | int = "center",
+    plane: str = "axial",
+    path: str = "kernel",
+) -> jax.Array:
+    """Inflates one HWIO kernel to DHWIO (or keeps it 2D for ``method='acs'``).
+
+    ``depth`` defaults to the kernel's own height, so 3x3 becomes 3x3x3 and 1x1
+    stays 1x1x1. ``plane`` names where the 2D kernel lies: 'axial' puts its
+    (kh, kw) on (H, W) and inflates along D; 'coronal' on (D, W), inflating H;
+    'sagittal' on (D, H), inflating W.
+    """
+    _check_2d_kernel(kernel, path)
+    method = _canonical_method(method)
+    if method == "acs":
+        return kernel
+    if plane not in PLANES:
+        raise ValueError(f"{path}: unknown plane {plane!r}; choose one of {', '.join(PLANES)}")
+    if method == "2.5d":
+        depth = 1
+    elif depth is None:
+        depth = kernel.shape[0]
+    if not isinstance(depth, (int, np.integer)) or depth < 1:
+        raise ValueError(f"{path}: depth must be a positive int, got {depth!r}")
+    weights = _TAP_WEIGHTS[method](int(depth), alphas, position, path)
+    axis = PLANES[plane]
+    shape = [1] * 5
+    shape[axis] = int(depth)
+    taps = jnp.asarray(weights, dtype=kernel.dtype).reshape(shape)
+    return jnp.expand_dims(kernel, axis) * taps
+
+
+def _is_conv_kernel(path, leaf, ndim: int = 4) -> bool:
+    return leaf_name(path) == "kernel" and jnp.ndim(leaf) == ndim
+
+
+def _compile_rules(rules: Mapping[str, Mapping[str, Any]] | None):
+    compiled = []
+    for pattern, options in (rules or {}).items():
+        unknown = set(options) - _RULE_KEYS
+        if unknown:
+            raise ValueError(f"rules[{pattern!r}]: unknown options {sorted(unknown)}; allowed: {sorted(_RULE_KEYS)}")
+        compiled.append((pattern, re.compile(pattern), dict(options)))
+    return compiled
+
+
+def inflate_params(
+    params: Any,
+    method: str = "scale",
+    *,
+    depth: int | None = None,
+    alphas: Sequence[float] | str | None = None,
+    position: str | int = "center",
+    plane: str = "axial",
+    rules: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Any:
+    """Maps a 2D parameter pytree to its 3D (or ACS / 2.5D) counterpart.
+
+    Args:
+      params: any pytree of arrays: ``nnx.state(model)``, a nested dict, or
+        Linen variables ``{'params': ...}``. Its structure is preserved.
+      method: 'center' (alias 'zero'), 'average', 'scale', '2.5d' or 'acs'.
+      depth: taps along the new axis; default the kernel's own height.
+      alphas: for 'scale', a vector of positive weights summing to 1, or a
+        profile name from ``ALPHA_PROFILES`` (default 'triangular').
+      position: for 'center', the non-zero tap: 'center', 'first' or an index.
+      plane: 'axial', 'coronal' or 'sagittal' (where the 2D kernel lies).
+      rules: ``{regex: {option: value}}`` overriding the options above for
+        kernels whose path (e.g. 'encoder/conv1/kernel') matches; the first
+        matching rule wins and every rule must match at least one kernel.
+
+    Returns:
+      A pytree of the same structure with every 2D convolution kernel inflated.
+
+    Example::
+
+      model3d = UNet(dims=3, ...)
+      nnx.update(model3d, inflate_params(nnx.state(model2d), 'scale'))
+    """
+    _canonical_method(method)
+    defaults = dict(method=method, depth=depth, alphas=alphas, position=position, plane=plane)
+    compiled = _compile_rules(rules)
+    matched: set[str] = set()
+
+    def visit(path, leaf):
+        if leaf_name(path) != "kernel" or jnp.ndim(leaf) < 4:
+            return leaf
+        name = path_str(path)
+        options = defaults
+        for pattern, regex, overrides in compiled:
+            if regex.search(name):
+                matched.add(pattern)
+                options = {**defaults, **overrides}
+                break
+        if jnp.ndim(leaf) != 4:
+            raise ValueError(
+                f"{name}: expected a 2-D convolution kernel (kh, kw, in, out), got shape {jnp.shape(leaf)}; "
+                "is this tree already 3-D?"
+            )
+        return inflate_kernel(leaf, path=name, **options)
+
+    out = jax.tree_util.tree_map_with_path(visit, params)
+    unmatched = [p for p, _, _ in compiled if p not in matched]
+    if unmatched:
+        raise ValueError(f"rules {unmatched} matched no convolution kernel in the parameter tree")
+    return out
+
+
+def acs_kernel_to_3d(kernel: jax.Array, path: str = "kernel") -> jax.Array:
+    """The exact cubic DHWIO kernel that an ACS convolution with ``kernel`` computes."""
+    _check_2d_kernel(kernel, path)
+    k = kernel.shape[0]
+    if kernel.shape[1] != k:
+        raise ValueError(f"{path}: ACS needs a square kernel, got shape {kernel.shape}")
+    groups, start = [], 0
+    for (_, missing), size in zip(ACS_GROUPS, acs_kernel_split(kernel.shape[-1])):
+        groups.append(plane_kernel_3d(kernel[..., start : start + size], missing, k, k // 2))
+        start += size
+    return jnp.concatenate(groups, axis=-1)
+
+
+def acs_to_3d(params: Any) -> Any:
+    """Materialises an ACS parameter tree as the equivalent full 3D tree.
+
+    Each 2D kernel becomes a cubic kernel that is zero off its output group's
+    plane, so a ``dims=3`` model with these parameters computes exactly what
+    the ACS model did and can continue training with full 3D kernels.
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: acs_kernel_to_3d(leaf, path_str(path)) if _is_conv_kernel(path, leaf) else leaf,
+        params,
+    )
+
+
+def project_params(params: Any, plane: str = "axial") -> Any:
+    """3D -> 2D: sums every DHWIO kernel over the axis orthogonal to ``plane``.
+
+    This inverts 'center', 'average', 'scale' and '2.5d' inflation exactly
+    (their tap weights sum to one), and for any 3D kernel gives the 2D kernel
+    whose response to an image equals the 3D kernel's response to a volume
+    made of that image repeated (away from the borders).
+    """
+    if plane not in PLANES:
+        raise ValueError(f"unknown plane {plane!r}; choose one of {', '.join(PLANES)}")
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: jnp.sum(leaf, axis=PLANES[plane]) if _is_conv_kernel(path, leaf, 5) else leaf,
+        params,
+    )
+
+
+ADAPT_MODES = ("sum", "mean", "repeat")
+
+
+def adapt_input_channels(kernel: jax.Array, n: int, mode: str = "sum") -> jax.Array:
+    """Adapts a first-layer kernel (..., c_in, out), e.g. RGB, to ``n`` input channels.
+
+    - 'sum': every new channel gets sum_c W_c / n, so ``n`` identical channels
+      (e.g. a grey image) give exactly the response of the grey image
+      replicated to the original ``c_in`` channels.
+    - 'mean': every new channel gets mean_c W_c.
+    - 'repeat': channels cycle through the originals, scaled by c_in / n so
+      activations keep their magnitude (timm's rule for n != 1).
+    """
+    if jnp.ndim(kernel) not in (4, 5):
+        raise ValueError(f"adapt_input_channels: kernel must be HWIO or DHWIO, got shape {jnp.shape(kernel)}")
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"adapt_input_channels: n must be a positive int, got {n!r}")
+    c_in = kernel.shape[-2]
+    if mode == "sum":
+        return jnp.repeat(jnp.sum(kernel, axis=-2, keepdims=True) / n, n, axis=-2)
+    if mode == "mean":
+        return jnp.repeat(jnp.mean(kernel, axis=-2, keepdims=True), n, axis=-2)
+    if mode == "repeat":
+        index = np.arange(n) % c_in
+        return jnp.take(kernel, index, axis=-2) * (c_in / n)
+    raise ValueError(f"adapt_input_channels: unknown mode {mode!r}; choose one of {', '.join(ADAPT_MODES)}")
