@@ -44,7 +44,7 @@ def window_starts(size: int, patch: int, overlap: float = 0.5) -> tuple[int, ...
         raise ValueError(f"window_starts: need 1 <= patch <= size, got patch={patch}, size={size}")
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    target_step = patch * (1.0 - overlap)
+    target_step = max(patch * (1.0 - overlap), 1.0)  # tiny patches: never repeat a window
     n = math.ceil((size - patch) / target_step) + 1
     if n == 1:
         return (0,)

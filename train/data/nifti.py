@@ -96,8 +96,8 @@ def _spatial_ornt(affine: np.ndarray) -> np.ndarray:
 def _to_memory(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """File array and affine -> canonical RAS -> (z, y, x) layout."""
     ornt = _spatial_ornt(affine)
-    data = orientations.apply_orientation(data, ornt)
     affine = affine @ orientations.inv_ornt_aff(ornt, data.shape[:3])
+    data = orientations.apply_orientation(data, ornt)
     perm = _TO_MEMORY + tuple(range(3, data.ndim))
     data = np.transpose(data, perm)
     mem_affine = affine.copy()
@@ -114,6 +114,14 @@ def _from_memory(data: np.ndarray, file_affine: np.ndarray) -> np.ndarray:
     return orientations.apply_orientation(data, back)
 
 
+def _memory_shape(file_shape, affine) -> tuple[int, ...]:
+    """Spatial shape of a file's array once in the (z, y, x) layout."""
+    canonical = [0, 0, 0]
+    for axis, (ras_axis, _) in enumerate(_spatial_ornt(affine)):
+        canonical[int(ras_axis)] = int(file_shape[axis])
+    return tuple(canonical[i] for i in _TO_MEMORY)
+
+
 def _spacing(affine: np.ndarray) -> np.ndarray:
     return np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
 
@@ -123,9 +131,9 @@ def read_volume(path: str, *, channels: bool = False) -> Volume:
 
     Args:
       path: a ``.nii`` or ``.nii.gz`` file.
-      channels: allow a 4D file, whose fourth axis becomes a trailing channel
-        axis ``(D, H, W, C)``. When False a 4D file is an error unless its
-        fourth axis has size 1.
+      channels: return ``(D, H, W, C)``, the fourth axis of a 4D file (or a
+        single channel for a 3D file). When False the result is ``(D, H, W)``
+        and a 4D file is an error unless its fourth axis has size 1.
 
     Raises:
       DataError: missing, unreadable or truncated file, wrong rank, NaN or
@@ -134,11 +142,13 @@ def read_volume(path: str, *, channels: bool = False) -> Volume:
     path = os.fspath(path)
     img = _load(path)
     shape = tuple(int(s) for s in img.shape)
-    if len(shape) == 4 and shape[3] == 1 and not channels:
+    if len(shape) == 3 and channels:
+        shape = shape + (1,)
+    elif len(shape) == 4 and shape[3] == 1 and not channels:
         shape = shape[:3]
-    if len(shape) not in ((3, 4) if channels else (3,)) or (len(shape) == 4 and channels is False):
+    if len(shape) != (4 if channels else 3):
         want = "a 3D or 4D image" if channels else "a 3D image"
-        raise DataError(f"{path}: expected {want}, got {len(shape)}D shape {shape}")
+        raise DataError(f"{path}: expected {want}, got {img.ndim}D shape {tuple(img.shape)}")
     data = _read_array(img, path, np.float32).reshape(shape)
     bad = data.size - int(np.count_nonzero(np.isfinite(data)))
     if bad:
@@ -209,9 +219,7 @@ def write_like(array: np.ndarray, reference: str, out_path: str) -> str:
     if array.ndim not in (3, 4):
         raise ValueError(f"write_like: array must be (D, H, W) or (D, H, W, C), got shape {array.shape}")
     ref = _load(reference)
-    file_shape = tuple(int(s) for s in ref.shape[:3])
-    mem_shape = tuple(file_shape[i] for i in orientations.io_orientation(ref.affine)[:, 0].astype(int).argsort())
-    mem_shape = mem_shape[::-1]
+    mem_shape = _memory_shape(ref.shape[:3], ref.affine)
     if array.shape[:3] != mem_shape:
         order = 0 if (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_) else 1
         array = resize(array, mem_shape, order=order)

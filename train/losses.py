@@ -1,0 +1,114 @@
+"""Segmentation losses: soft Dice + cross-entropy, with deep supervision.
+
+Logits are channels-last ``(N, *spatial, K)`` and labels integer
+``(N, *spatial)``, for volumes and 2D slices alike. Everything reduces with
+sums over the whole (global) batch, so a step sharded over devices computes
+the same numbers as one device.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def _reduce_axes(logits: jax.Array) -> tuple[int, ...]:
+    # Batch and spatial axes: "batch Dice" (nnU-Net's choice) pools every
+    # voxel of the batch before taking the ratio, so rare classes absent from
+    # one patch do not produce 0/0 terms.
+    return tuple(range(logits.ndim - 1))
+
+
+def soft_dice_loss(
+    logits: jax.Array, labels: jax.Array, num_classes: int, *, smooth: float = 1e-5
+) -> jax.Array:
+    """1 - mean soft Dice over the foreground classes (1..K-1) of the softmax.
+
+    With a single class (K = 1, nothing to segment) it returns 0.
+    """
+    if num_classes < 2:
+        return jnp.zeros((), jnp.float32)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    axes = _reduce_axes(logits)
+    intersection = jnp.sum(probs * onehot, axis=axes)
+    denominator = jnp.sum(probs, axis=axes) + jnp.sum(onehot, axis=axes)
+    dice = (2.0 * intersection + smooth) / (denominator + smooth)
+    return 1.0 - jnp.mean(dice[1:])
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean voxel-wise softmax cross-entropy."""
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels))
+
+
+def dice_ce_loss(logits: jax.Array, labels: jax.Array, num_classes: int) -> tuple[jax.Array, dict]:
+    """Soft Dice + cross-entropy with equal weights; returns (loss, parts)."""
+    dice = soft_dice_loss(logits, labels, num_classes)
+    ce = cross_entropy(logits, labels)
+    return dice + ce, {"dice_loss": dice, "ce": ce}
+
+
+def downsample_labels(labels: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """Nearest-neighbour downsampling of integer labels to spatial ``shape``.
+
+    Only integer factors are supported (the heads of a U-Net sit at 1/2, 1/4,
+    ... of the input); taking every f-th voxel keeps labels crisp, as nnU-Net
+    does for its deep-supervision targets.
+    """
+    spatial = labels.shape[1:]
+    if len(shape) != len(spatial):
+        raise ValueError(f"downsample_labels: labels {labels.shape} vs head spatial shape {tuple(shape)}")
+    index = [slice(None)]
+    for full, small in zip(spatial, shape):
+        if small < 1 or full % small:
+            raise ValueError(f"downsample_labels: head size {tuple(shape)} does not divide label size {spatial}")
+        index.append(slice(None, None, full // small))
+    return labels[tuple(index)]
+
+
+def deep_supervision_weights(n: int) -> jnp.ndarray:
+    """Weights 1, 1/2, 1/4, ... for the main head and n-1 coarser heads, normalised to sum 1."""
+    w = 0.5 ** jnp.arange(n, dtype=jnp.float32)
+    return w / jnp.sum(w)
+
+
+def segmentation_loss(outputs, labels: jax.Array, num_classes: int) -> tuple[jax.Array, dict]:
+    """Dice + CE of a model's output: one logits array or ``(main, *aux)``.
+
+    Auxiliary heads (coarser resolutions, as the model returns with deep
+    supervision in train mode) are scored against labels downsampled to their
+    size, with weights from :func:`deep_supervision_weights`. The returned
+    parts always describe the main head alone.
+    """
+    heads = tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
+    total, parts = dice_ce_loss(heads[0], labels, num_classes)
+    if len(heads) == 1:
+        return total, parts
+    weights = deep_supervision_weights(len(heads))
+    total = weights[0] * total
+    for weight, head in zip(weights[1:], heads[1:]):
+        loss, _ = dice_ce_loss(head, downsample_labels(labels, head.shape[1:-1]), num_classes)
+        total = total + weight * loss
+    return total, parts
+
+
+def hard_dice(logits: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
+    """Mean Dice of the argmax over foreground classes present in labels or prediction.
+
+    A cheap batch metric for progress lines; classes absent from both count
+    as neither 0 nor 1. Returns NaN when no foreground class appears at all.
+    """
+    pred = jnp.argmax(logits, axis=-1)
+    classes = jnp.arange(1, max(num_classes, 2))
+    p = pred[..., None] == classes
+    t = labels[..., None] == classes
+    axes = tuple(range(labels.ndim))
+    intersection = jnp.sum(p & t, axis=axes)
+    total = jnp.sum(p, axis=axes) + jnp.sum(t, axis=axes)
+    present = total > 0
+    dice = jnp.where(present, 2.0 * intersection / jnp.maximum(total, 1), 0.0)
+    return jnp.sum(dice) / jnp.sum(present)
