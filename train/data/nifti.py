@@ -114,8 +114,13 @@ def _from_memory(data: np.ndarray, file_affine: np.ndarray) -> np.ndarray:
     return orientations.apply_orientation(data, back)
 
 
-def _memory_shape(file_shape, affine) -> tuple[int, ...]:
-    """Spatial shape of a file's array once in the (z, y, x) layout."""
+def memory_shape(path: str) -> tuple[int, int, int]:
+    """The ``(D, H, W)`` shape :func:`read_volume` gives for ``path``, from its header."""
+    img = _load(path)
+    return _memory_shape(img.shape[:3], img.affine)
+
+
+def _memory_shape(file_shape, affine) -> tuple[int, int, int]:
     canonical = [0, 0, 0]
     for axis, (ras_axis, _) in enumerate(_spatial_ornt(affine)):
         canonical[int(ras_axis)] = int(file_shape[axis])
@@ -171,12 +176,13 @@ def read_label(path: str) -> Volume:
         shape = shape[:3]
     if len(shape) != 3:
         raise DataError(f"{path}: expected a 3D label map, got {len(shape)}D shape {shape}")
-    raw = _read_array(img, path, np.float64).reshape(shape)
-    if not np.isfinite(raw).all():
-        raise DataError(f"{path}: label map has NaN or Inf voxels")
-    labels = np.rint(raw)
-    if not np.array_equal(labels, raw):
-        raise DataError(f"{path}: label map has non-integer values")
+    # The stored integers when the file has no scaling; floats otherwise.
+    labels = _read_array(img, path, np.int32).reshape(shape)
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.isfinite(labels).all():
+            raise DataError(f"{path}: label map has NaN or Inf voxels")
+        if not np.array_equal(np.rint(labels), labels):
+            raise DataError(f"{path}: label map has non-integer values")
     if labels.size and (labels.min() < np.iinfo(np.int32).min or labels.max() > np.iinfo(np.int32).max):
         raise DataError(f"{path}: label values do not fit in int32")
     data, affine = _to_memory(labels.astype(np.int32), np.asarray(img.affine, np.float64))

@@ -1,0 +1,1 @@
+"""Benchmarks of the training application, each a module with ``main(argv)``."""
