@@ -152,7 +152,6 @@ def sliding_window_inference(
     patch = tuple(int(p) for p in patch)
     mirror_axes = tuple(int(a) for a in mirror_axes)
     _check_args(volume, patch, overlap, batch_size, mode, mirror_axes)
-    rank = len(patch)
     n, *spatial, channels = volume.shape
 
     # Centre-pad axes shorter than the patch so every window fits.

@@ -45,7 +45,8 @@ def test_gaussian_map_properties():
     assert g.min() > 0
     for axis in range(3):
         np.testing.assert_allclose(g, np.flip(g, axis), rtol=1e-6)
-    # Separable: the map is the outer product of its central lines.
+    # Separable (before clipping): the map is the outer product of its central lines.
+    g = np.asarray(gaussian_importance_map((9, 8, 5), 1 / 8, floor=0.0))
     line = [g[:, 3, 2], g[4, :, 2], g[4, 3, :]]
     outer = np.einsum("i,j,k->ijk", *(v / v.max() for v in line))
     np.testing.assert_allclose(g, outer, rtol=1e-5, atol=1e-7)
@@ -176,3 +177,14 @@ def test_jit_and_errors():
         sliding_window_inference(fn, vol, patch=(4, 4, 4), mode="box")
     with pytest.raises(ValueError, match="predict_fn"):
         sliding_window_inference(lambda x: x[:, ::2], vol, patch=(4, 4, 4))
+
+
+def test_memory_stays_at_one_accumulator():
+    """Compile-only: temporaries stay below the output size; stacking every window's output would not."""
+    w = jnp.ones((1, 3))
+    fn = jax.jit(functools.partial(sliding_window_inference, _pointwise(w), patch=(32, 32, 32), batch_size=2))
+    compiled = fn.lower(jax.ShapeDtypeStruct((1, 128, 128, 128, 1), jnp.float32)).compile()
+    out_bytes = 128**3 * 3 * 4
+    stacked_bytes = 7**3 * 32**3 * 3 * 4  # 343 windows of (32^3, 3) float32
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < out_bytes < stacked_bytes, (temp, out_bytes, stacked_bytes)
