@@ -14,6 +14,7 @@ from acsjax.inflate import (
     inflate_params,
     project_params,
 )
+from acsjax.inference import gaussian_importance_map, sliding_window_inference
 from acsjax.layers import Conv
 from acsjax.ops import acs_conv, acs_kernel_split, conv
 from acsjax.trees import assert_fits
@@ -32,7 +33,9 @@ __all__ = [
     "alpha_profile",
     "assert_fits",
     "conv",
+    "gaussian_importance_map",
     "inflate_kernel",
     "inflate_params",
     "project_params",
+    "sliding_window_inference",
 ]

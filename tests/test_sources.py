@@ -282,3 +282,15 @@ def test_split_ignores_case_order():
     train = {c.name for c in sources.split_cases(cases, "train", 0.2)}
     assert not train & val and len(train) == 16
     assert len(sources.split_cases(cases[:2], "val", 0.2)) == 1  # at least one when n >= 2
+
+
+def test_synthetic_case_affine_follows_the_zyx_convention(tmp_path):
+    """Axis 0 (depth) maps to RAS z: a synthetic case written as NIfTI reads back unchanged and RAS-oriented."""
+    case = SyntheticSource("val", size=(12, 10, 8), spacing=(3.0, 2.0, 1.0), num_cases=1)[0]
+    path = nifti.write_volume(case["label"].astype(np.int16), case["affine"], str(tmp_path / "label.nii.gz"))
+    _, file_affine, axcodes = nifti.file_geometry(path)
+    assert "".join(axcodes) == "RAS"
+    np.testing.assert_allclose(np.diag(file_affine)[:3], (1.0, 2.0, 3.0))  # x, y, z spacings of the file
+    back = nifti.read_label(path)
+    np.testing.assert_array_equal(back.array, case["label"])
+    np.testing.assert_allclose(back.affine, case["affine"])

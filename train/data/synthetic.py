@@ -153,9 +153,13 @@ class SyntheticSource:
     def _make(self, index: int) -> dict:
         rng = np.random.default_rng([self.seed, SPLITS.index(self.split), index])
         image, label = phantom(rng, self.shape, self.num_classes, self.num_channels)
-        affine = np.eye(4)
-        affine[:3, :3] = np.diag(self.spacing)
-        affine[:3, 3] = -self.spacing * (np.asarray(self.shape) - 1) / 2.0
+        # In-memory axes are (d, h, w) = (z, y, x): column i of the affine maps array axis i,
+        # so axis 0 goes to RAS z (superior), axis 2 to x (right), centred on the origin.
+        affine = np.zeros((4, 4))
+        affine[3, 3] = 1.0
+        for axis, world in enumerate((2, 1, 0)):
+            affine[world, axis] = self.spacing[axis]
+        affine[:3, 3] = -(affine[:3, :3] @ ((np.asarray(self.shape) - 1) / 2.0))
         case = {
             "image": image,
             "affine": affine,
