@@ -7,15 +7,18 @@ parameter trees that :func:`acsjax.inflate_params` maps onto each other.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from acsjax.layers import Conv, spatial_rank
+from acsjax import layers, ops
+from acsjax.layers import spatial_rank
 
 NORMS = ("batch", "group", "instance")
+DEPTH_PADDINGS = ("zeros", "edge")
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
     "relu6": jax.nn.relu6,
@@ -150,8 +153,57 @@ def check_divisible(name: str, x: jax.Array, divisor: Sequence[int]) -> None:
 
 
 def param_count(model: nnx.Module) -> int:
-    """Number of trainable parameters (``nnx.Param``), not counting BatchNorm statistics."""
-    return sum(int(jnp.size(leaf)) for leaf in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
+    """Number of trainable parameters (``nnx.Param``), not counting BatchNorm statistics.
+
+    Works on abstract models from ``nnx.eval_shape`` too.
+    """
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
+
+
+class Conv(layers.Conv):
+    """:class:`acsjax.layers.Conv` with a choice of how the depth axis of a volume is padded.
+
+    ``depth_padding='zeros'`` is the layer's own behaviour. ``'edge'`` pads the
+    depth axis (only) by replicating the first and last slices, while the
+    in-plane axes keep zero padding as in the 2D network. Average- or
+    scale-inflated 3D networks then reproduce their 2D source exactly on a
+    volume that repeats one image along depth, at every depth: with zeros the
+    slices near the ends see the padding, and when a stage has fewer slices
+    than the kernel has taps (e.g. 8 slices after three stride-2 stages) most
+    taps fall on it. The parameters are the same either way. A layer built with
+    ``padding_mode`` other than 'zeros' pads every axis its own way instead.
+    """
+
+    def __init__(self, *args, depth_padding: str = "zeros", **kwargs):
+        super().__init__(*args, **kwargs)
+        if depth_padding not in DEPTH_PADDINGS:
+            raise ValueError(f"depth_padding must be one of {DEPTH_PADDINGS}, got {depth_padding!r}")
+        edge = depth_padding == "edge" and spatial_rank(self.dims) == 3 and self.padding_mode == "zeros"
+        self.depth_padding = "edge" if edge else "zeros"
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.depth_padding == "zeros":
+            return super().__call__(x)
+        kernel = self.kernel[...]
+        k = kernel.shape[0]
+        window = (k, k, k) if self.dims == "acs" else kernel.shape[:3]
+        strides = self.strides if not isinstance(self.strides, int) else (self.strides,) * 3
+        pads = ops.resolve_padding(self.padding, x.shape[1:4], window, strides)
+        x = jnp.pad(x, ((0, 0), pads[0], (0, 0), (0, 0), (0, 0)), mode="edge")
+        # The depth padding is now in x; for ACS the axial group's negative depth
+        # padding then crops it back, as its kernel has a single depth tap.
+        dtype = self.dtype or x.dtype
+        fn = ops.acs_conv if self.dims == "acs" else ops.conv
+        y = fn(
+            x.astype(dtype),
+            kernel.astype(dtype),
+            strides=strides,
+            padding=((0, 0), pads[1], pads[2]),
+            groups=self.groups,
+        )
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
 
 
 class ConvNormAct(nnx.Module):
@@ -170,6 +222,7 @@ class ConvNormAct(nnx.Module):
         strides: int | Sequence[int] = 1,
         norm: str = "batch",
         act: str = "relu",
+        depth_padding: str = "zeros",
         dtype=None,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -180,6 +233,7 @@ class ConvNormAct(nnx.Module):
             kernel_size,
             dims=dims,
             strides=strides,
+            depth_padding=depth_padding,
             use_bias=False,
             dtype=dtype,
             param_dtype=param_dtype,

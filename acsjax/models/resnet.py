@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from acsjax.layers import Conv, check_dims, max_pool
+from acsjax.layers import check_dims, max_pool
 from acsjax.models.blocks import (
+    Conv,
     check_input,
     global_avg_pool,
     make_norm,
@@ -35,7 +36,7 @@ from acsjax.models.blocks import (
 WIDTHS = (64, 128, 256, 512)
 
 
-def _conv(cin, cout, k, *, dims, strides=1, padding=None, dtype, param_dtype, rngs):
+def _conv(cin, cout, k, *, dims, strides=1, padding=None, depth_padding, dtype, param_dtype, rngs):
     return Conv(
         cin,
         cout,
@@ -43,6 +44,7 @@ def _conv(cin, cout, k, *, dims, strides=1, padding=None, dtype, param_dtype, rn
         dims=dims,
         strides=strides,
         padding=padding,
+        depth_padding=depth_padding,
         use_bias=False,
         dtype=dtype,
         param_dtype=param_dtype,
@@ -55,9 +57,9 @@ class BasicBlock(nnx.Module):
 
     expansion = 1
 
-    def __init__(self, cin, width, *, stride, dims, pool_depth, norm, dtype, param_dtype, rngs):
+    def __init__(self, cin, width, *, stride, dims, pool_depth, norm, depth_padding, dtype, param_dtype, rngs):
         s = spatial_strides(dims, stride, pool_depth)
-        kw = dict(dims=dims, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dims=dims, depth_padding=depth_padding, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         nkw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.conv1 = _conv(cin, width, 3, strides=s, **kw)
         self.bn1 = make_norm(norm, width, **nkw)
@@ -77,9 +79,9 @@ class Bottleneck(nnx.Module):
 
     expansion = 4
 
-    def __init__(self, cin, width, *, stride, dims, pool_depth, norm, dtype, param_dtype, rngs):
+    def __init__(self, cin, width, *, stride, dims, pool_depth, norm, depth_padding, dtype, param_dtype, rngs):
         s = spatial_strides(dims, stride, pool_depth)
-        kw = dict(dims=dims, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dims=dims, depth_padding=depth_padding, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         nkw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         cout = width * self.expansion
         self.conv1 = _conv(cin, width, 1, **kw)
@@ -122,6 +124,9 @@ class ResNet(nnx.Module):
       stem_pool: keep the 3x3 stride-2 max-pool after the stem.
       pool_depth: stride/pool the depth axis of volumes too (off: depth strides are 1).
       norm: 'batch' (torchvision), 'group' or 'instance'.
+      depth_padding: 'zeros' or 'edge' for the depth axis of volumes (see
+        :class:`acsjax.models.blocks.Conv`; 'edge' makes inflated nets exact on
+        volumes that repeat one image).
       remat: None, or a ``jax.checkpoint_policies`` name applied per residual block.
       dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay ``param_dtype``.
     """
@@ -138,6 +143,7 @@ class ResNet(nnx.Module):
         stem_pool: bool = True,
         pool_depth: bool = True,
         norm: str = "batch",
+        depth_padding: str = "zeros",
         remat=None,
         dtype=None,
         param_dtype=jnp.float32,
@@ -153,7 +159,7 @@ class ResNet(nnx.Module):
         self.dims, self.in_channels, self.pool_depth, self.stem_pool = dims, in_channels, pool_depth, stem_pool
         self.policy = resolve_remat(remat)
         self.dtype = dtype
-        kw = dict(dims=dims, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dims=dims, depth_padding=depth_padding, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.conv1 = _conv(in_channels, 64, 7, strides=spatial_strides(dims, stem_stride, pool_depth), **kw)
         self.bn1 = make_norm(norm, 64, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         cin = 64
