@@ -1,0 +1,175 @@
+"""3D U-Net train-step throughput: acsjax (each conv lowering) against the same network in PyTorch.
+
+  python -m train.bench step [--patch 64] [--batch 2] [--widths 16,32,64,128] [--repeats 5]
+
+One step = forward, Dice + cross-entropy loss, backward and an AdamW update,
+on random (batch, patch^3, 1) inputs with 3 classes. Reports the median step
+time, voxels/s and achieved GFLOP/s (FLOPs from XLA's cost analysis of the
+compiled step, the same count used for the PyTorch column), and on an
+accelerator the model FLOP utilisation against ``--peak_tflops``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from train import config as config_lib
+from train import init, trainer
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up (and compilation)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def jax_step(config, batch_size: int, patch, impl: str | None):
+    """(run_once, flops) for the trainer's jitted step with the conv lowering ``impl``."""
+    from acsjax import ops
+
+    if impl is not None:
+        ops.set_conv_impl(impl)
+    mesh = trainer.make_mesh("data=1,space=1", devices=jax.devices()[:1])
+    build = init.model_fn(config, in_channels=1, num_classes=3, dims=config.dims)
+    schedule = trainer.make_schedule(config.lr, 1000, 10)
+    tx = trainer.make_optimizer(schedule, weight_decay=config.weight_decay, grad_clip=config.grad_clip)
+    task = trainer.make_task(build, tx, schedule, 3, mesh)
+    rng = np.random.default_rng(0)
+    batch = trainer.shard_batch(
+        {
+            "image": rng.normal(size=(batch_size, *patch, 1)).astype(np.float32),
+            "label": rng.integers(0, 3, size=(batch_size, *patch)).astype(np.int32),
+        },
+        mesh,
+    )
+    with jax.set_mesh(mesh):
+        step = trainer.make_step(task)
+        compiled = step.lower(task.abstract_state, batch).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops = float(cost.get("flops", 0.0))
+        state = {"s": task.init()}
+
+    def run():
+        with jax.set_mesh(mesh):
+            state["s"], metrics = compiled(state["s"], batch)
+            jax.block_until_ready(metrics["loss"])
+
+    return run, flops
+
+
+def torch_step(widths, batch_size: int, patch, threads: int):
+    """run_once for the same U-Net (instance norm, leaky ReLU, strided convs, nearest upsampling) in PyTorch."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    torch.set_num_threads(threads)
+
+    def unit(cin, cout, stride=1):
+        return [nn.Conv3d(cin, cout, 3, stride, 1, bias=False), nn.InstanceNorm3d(cout, affine=True), nn.LeakyReLU(0.01)]
+
+    class UNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, cin = nn.ModuleList(), 1
+            for i, w in enumerate(widths):
+                self.enc.append(nn.Sequential(*unit(cin, w, 1 if i == 0 else 2), *unit(w, w)))
+                cin = w
+            self.dec = nn.ModuleList()
+            for w_skip in reversed(widths[:-1]):
+                self.dec.append(nn.Sequential(*unit(cin + w_skip, w_skip), *unit(w_skip, w_skip)))
+                cin = w_skip
+            self.head = nn.Conv3d(cin, 3, 1)
+
+        def forward(self, x):
+            skips = []
+            for level in self.enc:
+                x = level(x)
+                skips.append(x)
+            skips.pop()
+            for block in self.dec:
+                x = F.interpolate(x, scale_factor=2, mode="nearest")
+                x = block(torch.cat([x, skips.pop()], 1))
+            return self.head(x)
+
+    model = UNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(batch_size, 1, *patch)
+    y = torch.randint(0, 3, (batch_size, *patch))
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        logits = model(x)
+        probs = logits.softmax(1)
+        onehot = F.one_hot(y, 3).permute(0, 4, 1, 2, 3).float()
+        inter = (probs * onehot).sum((0, 2, 3, 4))
+        dice = (2 * inter + 1e-5) / (probs.sum((0, 2, 3, 4)) + onehot.sum((0, 2, 3, 4)) + 1e-5)
+        loss = F.cross_entropy(logits, y) + 1 - dice[1:].mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    return run
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.bench step", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--patch", default="64")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--widths", default="16,32,64,128")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--init", default="scale", help="scale/center/average/scratch: 3D; acs: ACS model")
+    parser.add_argument("--impls", default="xla,auto", help="acsjax conv lowerings to time")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (e.g. 989 for H100 bf16 dense)")
+    parser.add_argument("--no_torch", action="store_true")
+    parser.add_argument("--json", default="")
+    args = parser.parse_args(argv)
+    patch = config_lib.parse_patch(args.patch)
+    widths = tuple(int(w) for w in args.widths.split(","))
+    config = config_lib.preset("gpu", model="unet", model_options={"widths": widths, "norm": "instance"},
+                               dtype=args.dtype, remat="", deep_supervision=False, init=args.init)
+    voxels = args.batch * int(np.prod(patch))
+    threads = os.cpu_count() or 1
+    device = jax.devices()[0]
+    print(f"U-Net {widths} ({config.dims}) train step, batch {args.batch} x {patch}, {args.dtype}, "
+          f"device {device.device_kind} ({jax.default_backend()}), {threads} threads")
+    print("| implementation | step ms | Mvoxels/s | GFLOP/s | vs PyTorch |\n|---|---|---|---|---|")
+    rows, flops = {}, 0.0
+    for impl in args.impls.split(","):
+        run, flops = jax_step(config, args.batch, patch, impl)
+        rows[f"acsjax ({impl})"] = _time(run, args.repeats)
+    torch_s = None
+    if not args.no_torch and args.dtype == "float32" and config.dims == 3:
+        try:
+            torch_s = _time(torch_step(widths, args.batch, patch, threads), args.repeats)
+            rows["PyTorch"] = torch_s
+        except ImportError:
+            print("(PyTorch not installed: no PyTorch column)")
+    for name, seconds in rows.items():
+        ratio = f"{torch_s / seconds:.2f}x" if torch_s else "-"
+        print(f"| {name} | {seconds * 1e3:.0f} | {voxels / seconds / 1e6:.2f} | {flops / seconds / 1e9:.1f} | {ratio} |")
+    if args.peak_tflops:
+        best = min(v for k, v in rows.items() if k.startswith("acsjax"))
+        print(f"MFU: {flops / best / 1e12 / args.peak_tflops:.1%} of {args.peak_tflops:g} TFLOP/s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "flops": flops, "voxels": voxels, "device": device.device_kind}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
