@@ -1,0 +1,141 @@
+"""Checkpoints: keep policy, fallback from a damaged newest step, kill-and-resume, NaN stop."""
+
+import glob
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from train import trainer
+from train.checkpoint import CheckpointError, CheckpointFallbackWarning, Checkpoints, load_arrays
+from train.config import preset
+
+
+def _iterator():
+    return iter(grain.MapDataset.range(1000).batch(2).to_iter_dataset())
+
+
+def _abstract(state):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+
+
+def _save_steps(directory, steps, *, keep=5, dice=None):
+    """Saves a small state after each of ``steps`` (one batch drawn per step)."""
+    dice = dice or {}
+    iterator = _iterator()
+    state = {"w": jnp.arange(500.0), "step": jnp.array(0)}
+    with Checkpoints(directory, keep=keep) as checkpoints:
+        for step in steps:
+            next(iterator)
+            state = {"w": jnp.arange(500.0) + step, "step": jnp.array(step)}
+            checkpoints.save(step, state, iterator, val_dice=dice.get(step))
+    return state
+
+
+def _damage(path, how):
+    files = sorted(glob.glob(os.path.join(path, "state", "**", "d", "*"), recursive=True), key=os.path.getsize)
+    if how == "truncate":
+        os.truncate(files[-1], os.path.getsize(files[-1]) // 2)
+    else:  # same size, different bytes: only the checksum notices
+        with open(files[-1], "r+b") as f:
+            f.seek(os.path.getsize(files[-1]) // 3)
+            f.write(bytes(random.Random(0).randrange(256) for _ in range(64)))
+
+
+@pytest.mark.parametrize("how", ["truncate", "overwrite"])
+def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, how):
+    directory = tmp_path / "checkpoints"
+    state = _save_steps(directory, [1, 2, 3])
+    _damage(directory / "3", how)
+    iterator = _iterator()
+    checkpoints = Checkpoints(directory, keep=5)
+    with pytest.warns(CheckpointFallbackWarning, match="step 3 .* unreadable"):
+        step, restored = checkpoints.restore_latest(_abstract(state), iterator)
+    assert step == 2
+    np.testing.assert_array_equal(restored["w"], np.arange(500.0) + 2)
+    np.testing.assert_array_equal(next(iterator), [4, 5])  # the data position of step 2
+    assert (tmp_path / "checkpoints_corrupt" / "3").is_dir()
+    # the step number is free again for the resumed run
+    assert checkpoints.save(3, restored, iterator)
+    checkpoints.close()
+    assert Checkpoints(directory).steps == [1, 2, 3]
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    directory = tmp_path / "checkpoints"
+    state = _save_steps(directory, [1])
+    _damage(directory / "1", "truncate")
+    with pytest.warns(CheckpointFallbackWarning), pytest.raises(CheckpointError, match="no readable checkpoint"):
+        Checkpoints(directory).restore_latest(_abstract(state))
+
+
+def test_keeps_the_last_n_and_the_best(tmp_path):
+    directory = tmp_path / "checkpoints"
+    _save_steps(directory, [1, 2, 3, 4, 5], keep=2, dice={2: 0.9, 4: 0.5})
+    checkpoints = Checkpoints(directory, keep=2)
+    assert checkpoints.steps == [2, 4, 5]
+    assert checkpoints.best_step() == 2
+    step, tree = load_arrays(directory, "best")
+    assert step == 2
+    np.testing.assert_array_equal(tree["w"], np.arange(500.0) + 2)
+
+
+TINY = ["--preset=cpu-tiny", "--init=scratch", "--steps=12", "--checkpoint_every=1", "--eval_every=0",
+        "--log_every=1", "--keep_checkpoints=3"]
+
+
+def _cli(workdir, *extra):
+    return [sys.executable, "-m", "train.main", f"--workdir={workdir}", *TINY, *extra]
+
+
+def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(_cli(whole), check=True, capture_output=True, timeout=300)
+
+    kill_at = random.randint(2, 8)
+    proc = subprocess.Popen(_cli(killed), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith(f"train step {kill_at:>6}/"):
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before step {kill_at}"
+    assert not (killed / "summary.json").exists()
+
+    rerun = subprocess.run(_cli(killed), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming from step" in rerun.stdout, rerun.stdout
+    step_a, a = load_arrays(whole / "checkpoints")
+    step_b, b = load_arrays(killed / "checkpoints")
+    assert step_a == step_b == 12
+    # Bit-identical on CPU: the same programs on the same inputs, the data
+    # position restored exactly, and no float32 state lost in the checkpoint.
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    original = trainer.train_step
+
+    def poisoned(task, state, batch):
+        new, metrics = original(task, state, batch)
+        bad = state["step"] >= 3  # from the 4th step on
+        metrics = dict(metrics, loss=jnp.where(bad, jnp.nan, metrics["loss"]))
+        new = dict(new, params=jax.tree.map(lambda p: jnp.where(bad, jnp.nan, p), new["params"]))
+        return new, metrics
+
+    monkeypatch.setattr(trainer, "train_step", poisoned)
+    config = preset("cpu-tiny", init="scratch", workdir=str(tmp_path), steps=6, checkpoint_every=2, eval_every=0)
+    with pytest.raises(trainer.NonFiniteLoss, match=r"at step 4.*Last good checkpoint: step 2"):
+        trainer.train_and_evaluate(config)
+    step, tree = load_arrays(tmp_path / "checkpoints")
+    assert step == 2
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree["params"]))
+    assert not (tmp_path / "summary.json").exists()
+    assert Checkpoints(tmp_path / "checkpoints").steps == [2]

@@ -1,0 +1,362 @@
+"""Run configuration: one frozen dataclass, named presets and the CLI flags over them.
+
+``Config`` holds everything a run needs; ``PRESETS`` names complete configs
+(``demo`` is the default, ``cpu-tiny`` is for tests, ``gpu`` for one large
+accelerator). On the command line every flag defaults to "the preset's value",
+so ``--preset=gpu --steps=100`` changes only the step count.
+
+Errors in user input raise :class:`ConfigError`, which names the flag;
+``train.main`` prints it as one line ``error: --flag: message``.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+from typing import Any
+
+INITS = ("scratch", "center", "average", "scale", "acs", "2.5d")
+PRETRAINED = ("slices", "imagenet")
+DTYPES = ("float32", "bfloat16", "float16")
+# The model dims each --init trains: inflating methods produce full 3D
+# kernels; 'acs' keeps 2D kernels applied on three planes; '2.5d' uses (1, k, k).
+INIT_DIMS = {"scratch": 3, "center": 3, "average": 3, "scale": 3, "acs": "acs", "2.5d": "2.5d"}
+
+
+class ConfigError(ValueError):
+    """Bad user input; ``flag`` names the command-line flag to blame."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(message)
+        self.flag = flag
+
+    def line(self) -> str:
+        """The one-line message the CLI prints."""
+        return f"error: --{self.flag}: {self}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a training run needs. See ``FLAG_HELP`` for each field's meaning."""
+
+    init: str = "scale"
+    pretrained: str = ""
+    dataset: str = "mni152"
+    workdir: str = "runs/demo"
+    cache_dir: str = ""
+    model: str = "unet"
+    model_options: dict = dataclasses.field(default_factory=dict)
+    deep_supervision: bool = False
+    remat: str = ""
+    dtype: str = "float32"
+    patch: tuple[int, int, int] = (32, 32, 32)
+    batch: int = 2
+    pad: bool = True
+    foreground_fraction: float = 1 / 3
+    augment: bool = True
+    workers: int = 0
+    steps: int = 300
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    seed: int = 0
+    mesh: str = ""
+    eval_every: int = 100
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    slices_steps: int = 200
+    slices_batch: int = 16
+    eval_overlap: float = 0.5
+    max_eval_cases: int = 0
+
+    @property
+    def dims(self):
+        """Model dims trained by this run (3, 'acs' or '2.5d'), from ``init``."""
+        return INIT_DIMS[self.init]
+
+    @property
+    def cache_path(self) -> str:
+        """``cache_dir``, or the per-user default cache directory."""
+        if self.cache_dir:
+            return self.cache_dir
+        root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return os.path.join(root, "acsjax")
+
+    @property
+    def pretrained_source(self) -> str:
+        """The 2D source used for inflation ('' for scratch; 'slices' unless set)."""
+        if self.init == "scratch":
+            return ""
+        return self.pretrained or "slices"
+
+
+# The 'demo' preset is the dataclass default: a small U-Net on the 2 mm MNI152
+# renderings that trains in a few minutes on two CPU cores.
+PRESETS: dict[str, Config] = {
+    "demo": Config(model_options={"widths": (8, 16, 32, 64)}),
+    "cpu-tiny": Config(
+        dataset="synthetic",
+        workdir="runs/tiny",
+        model_options={"widths": (4, 8)},
+        patch=(16, 16, 16),
+        batch=2,
+        steps=6,
+        lr=1e-2,
+        warmup_steps=1,
+        eval_every=3,
+        checkpoint_every=2,
+        keep_checkpoints=2,
+        log_every=1,
+        slices_steps=3,
+        slices_batch=4,
+        max_eval_cases=1,
+    ),
+    "gpu": Config(
+        workdir="runs/gpu",
+        model_options={"widths": (32, 64, 128, 256, 320)},
+        deep_supervision=True,
+        dtype="bfloat16",
+        remat="nothing_saveable",
+        patch=(96, 96, 96),
+        batch=2,
+        workers=4,
+        steps=5000,
+        lr=1e-3,
+        warmup_steps=200,
+        eval_every=500,
+        checkpoint_every=250,
+        keep_checkpoints=3,
+        log_every=50,
+        slices_steps=2000,
+        slices_batch=32,
+    ),
+}
+
+FLAG_HELP: dict[str, str] = {
+    "init": "How the 3D model starts: scratch (random 3D), or inflated from a 2D source with center, "
+    "average or scale (full 3D kernels), acs (ACS convolutions, 2D kernels on three planes) or 2.5d "
+    "((1, k, k) kernels).",
+    "pretrained": "The 2D source for an inflating --init: slices (train the 2D twin on 2D slices of "
+    "the training volumes first), imagenet (the shipped EfficientNet-Lite0 encoder; needs "
+    "--model=efficientnet_lite0_unet) or a PATH to a .safetensors/.pth file or an Orbax 2D "
+    "checkpoint directory. Default slices; must be empty with --init=scratch.",
+    "dataset": "mni152 (the embedded demo), synthetic, msd:PATH (a Medical Segmentation Decathlon "
+    "task folder) or folder:PATH (imagesTr/labelsTr NIfTI pairs).",
+    "workdir": "Run directory: checkpoints, metrics.csv, config.json, summary.json. A rerun with the "
+    "same workdir resumes from the latest good checkpoint.",
+    "cache_dir": "Where sources cache decoded / rendered volumes (default: $XDG_CACHE_HOME/acsjax, "
+    "else ~/.cache/acsjax).",
+    "model": "Model name for acsjax.models.build_model (unet, resnet18_unet, efficientnet_lite0_unet, ...).",
+    "model_option": "Extra model option key=value (repeatable), values as Python literals, e.g. "
+    "--model_option=widths=8,16,32 --model_option=norm='batch'.",
+    "deep_supervision": "Add auxiliary heads at coarser resolutions to the loss (weights 1, 1/2, 1/4, ...).",
+    "remat": "Rematerialisation policy for the model's blocks: a jax.checkpoint_policies name "
+    "(e.g. nothing_saveable), or empty for none.",
+    "dtype": "Compute dtype (float32, bfloat16, float16); parameters stay float32.",
+    "patch": "Training patch size D,H,W (one int for a cube); also the sliding-window size in evaluation.",
+    "batch": "Global batch size (patches per step, over all devices and processes).",
+    "pad": "Allow a patch larger than the training volumes (patches are padded); with --nopad the patch "
+    "must fit inside at least one training volume.",
+    "foreground_fraction": "Fraction of patches centred on a foreground voxel (nnU-Net uses 1/3).",
+    "augment": "Random flips, rotations and intensity augmentation of training patches.",
+    "workers": "Data loader worker processes (0: load in the training process).",
+    "steps": "Training steps of the 3D model.",
+    "lr": "Peak learning rate of AdamW (linear warm-up, then cosine decay to 1% of it).",
+    "warmup_steps": "Linear warm-up steps.",
+    "weight_decay": "AdamW weight decay (kernels only; biases and norm scales are not decayed).",
+    "grad_clip": "Clip gradients to this global norm (0: no clipping).",
+    "seed": "Random seed of initialisation and data order.",
+    "mesh": "Device mesh, e.g. data=4,space=2: 'data' shards the batch, 'space' the depth axis of "
+    "each volume. Default: every device on 'data'.",
+    "eval_every": "Validate (sliding-window Dice on the validation cases) every N steps; 0: only at the end.",
+    "checkpoint_every": "Save a checkpoint every N steps (and always at the end).",
+    "keep_checkpoints": "Keep the last N checkpoints, plus the best by validation Dice.",
+    "log_every": "Print a progress line and a metrics.csv row every N steps.",
+    "slices_steps": "Steps of 2D training on slices for --pretrained=slices.",
+    "slices_batch": "Batch size (2D slices) for --pretrained=slices.",
+    "eval_overlap": "Sliding-window overlap in evaluation, in [0, 1).",
+    "max_eval_cases": "Evaluate on at most N validation cases (0: all).",
+    "preset": "Named defaults: demo (default; CPU, minutes), cpu-tiny (tests), gpu (one accelerator).",
+}
+
+
+def parse_patch(text: str) -> tuple[int, int, int]:
+    """'32' -> (32, 32, 32); '32,64,64' -> (32, 64, 64)."""
+    try:
+        values = tuple(int(v) for v in str(text).replace("x", ",").split(","))
+    except ValueError:
+        raise ConfigError("patch", f"expected D,H,W or one int, got {text!r}") from None
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or min(values) < 1:
+        raise ConfigError("patch", f"expected three positive ints D,H,W, got {text!r}")
+    return values
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'data=4,space=2' -> {'data': 4, 'space': 2}; missing axes are left out."""
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        name, _, value = part.partition("=")
+        if name not in ("data", "space") or not value:
+            raise ConfigError("mesh", f"expected axes data=N,space=M, got {text!r}")
+        try:
+            out[name] = int(value)
+        except ValueError:
+            raise ConfigError("mesh", f"axis {name} needs an integer size, got {value!r}") from None
+        if out[name] < 1:
+            raise ConfigError("mesh", f"axis {name} must be at least 1, got {out[name]}")
+    return out
+
+
+def parse_model_options(items) -> dict[str, Any]:
+    """['widths=8,16', 'norm=batch'] -> {'widths': (8, 16), 'norm': 'batch'}."""
+    out = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ConfigError("model_option", f"expected key=value, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[key] = text  # a bare word such as norm=batch
+    return out
+
+
+def validate(config: Config) -> Config:
+    """Checks what can be checked before touching data or devices; returns ``config``."""
+    if config.init not in INITS:
+        raise ConfigError("init", f"unknown {config.init!r}; choose one of {', '.join(INITS)}")
+    if config.init == "scratch" and config.pretrained:
+        raise ConfigError("pretrained", "a 2D source makes no sense with --init=scratch; pick an inflating --init")
+    source = config.pretrained
+    if source and source not in PRETRAINED and not os.path.exists(source):
+        raise ConfigError("pretrained", f"not slices or imagenet, and no such file or directory: {source}")
+    if config.dtype not in DTYPES:
+        raise ConfigError("dtype", f"unknown {config.dtype!r}; choose one of {', '.join(DTYPES)}")
+    parse_mesh(config.mesh)
+    positive = ("steps", "batch", "log_every", "checkpoint_every", "keep_checkpoints", "slices_batch")
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise ConfigError(name, f"must be at least 1, got {getattr(config, name)}")
+    for name in ("eval_every", "warmup_steps", "workers", "slices_steps", "max_eval_cases"):
+        if getattr(config, name) < 0:
+            raise ConfigError(name, f"must be non-negative, got {getattr(config, name)}")
+    if not config.lr > 0:
+        raise ConfigError("lr", f"must be positive, got {config.lr}")
+    if not 0 <= config.foreground_fraction <= 1:
+        raise ConfigError("foreground_fraction", f"must be in [0, 1], got {config.foreground_fraction}")
+    if not 0 <= config.eval_overlap < 1:
+        raise ConfigError("eval_overlap", f"must be in [0, 1), got {config.eval_overlap}")
+    if len(config.patch) != 3 or min(config.patch) < 1:
+        raise ConfigError("patch", f"expected three positive ints, got {config.patch}")
+    if not config.workdir:
+        raise ConfigError("workdir", "must not be empty")
+    return config
+
+
+def preset(name: str, **overrides) -> Config:
+    """The named preset with ``overrides`` applied and validated."""
+    if name not in PRESETS:
+        raise ConfigError("preset", f"unknown {name!r}; choose one of {', '.join(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(Config)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise TypeError(f"unknown Config fields {sorted(unknown)}")
+    if "patch" in overrides:
+        patch = overrides["patch"]
+        overrides["patch"] = parse_patch(",".join(map(str, patch)) if isinstance(patch, (list, tuple)) else patch)
+    return validate(dataclasses.replace(PRESETS[name], **overrides))
+
+
+def to_json(config: Config) -> dict:
+    """A JSON-ready dict of the config (tuples become lists)."""
+    return dataclasses.asdict(config)
+
+
+def run_config(config: Config, source) -> dict:
+    """WORKDIR/config.json: what train.predict needs to rebuild the model and its inputs."""
+    prep = getattr(source, "preprocessing", None)
+    return {
+        "model": config.model,
+        "dims": config.dims,
+        "model_options": {k: list(v) if isinstance(v, tuple) else v for k, v in config.model_options.items()},
+        "deep_supervision": config.deep_supervision,
+        "remat": config.remat,
+        "dtype": config.dtype,
+        "in_channels": source.num_channels,
+        "num_classes": source.num_classes,
+        "class_names": list(source.class_names),
+        "patch": list(config.patch),
+        "eval_overlap": config.eval_overlap,
+        "dataset": config.dataset,
+        "preprocessing": dataclasses.asdict(prep) if dataclasses.is_dataclass(prep) else prep,
+        "spacing": getattr(source, "spacing", None),
+        "init": config.init,
+        "pretrained": config.pretrained_source,
+        "config": to_json(config),
+    }
+
+
+def write_run_config(path, config: Config, source) -> None:
+    """Writes :func:`run_config` as JSON (numpy values become lists)."""
+    text = json.dumps(run_config(config, source), indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    with open(path, "w") as f:
+        f.write(text + "\n")
+
+
+
+def define_flags(flag_values=None) -> None:
+    """Defines one absl flag per ``Config`` field (plus --preset, --model_option).
+
+    Flags default to None ("take the preset's value"); ``from_flags`` applies
+    the ones given. Called by ``train.main`` only, so importing this module
+    from a notebook or another CLI defines nothing.
+    """
+    from absl import flags
+
+    fv = flag_values if flag_values is not None else flags.FLAGS
+    demo = PRESETS["demo"]
+    flags.DEFINE_string("preset", "demo", FLAG_HELP["preset"], flag_values=fv)
+    flags.DEFINE_multi_string("model_option", [], FLAG_HELP["model_option"], flag_values=fv)
+    for field in dataclasses.fields(Config):
+        name = field.name
+        if name == "model_options":
+            continue
+        value = getattr(demo, name)
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        help_text = f"{FLAG_HELP[name]} (demo: {shown!r})"
+        if isinstance(value, bool):
+            flags.DEFINE_bool(name, None, help_text, flag_values=fv)
+        elif isinstance(value, int):
+            flags.DEFINE_integer(name, None, help_text, flag_values=fv)
+        elif isinstance(value, float):
+            flags.DEFINE_float(name, None, help_text, flag_values=fv)
+        else:
+            flags.DEFINE_string(name, None, help_text, flag_values=fv)
+
+
+def from_flags(flag_values=None) -> Config:
+    """The Config that the parsed flags describe: the preset, then every flag given."""
+    from absl import flags
+
+    fv = flag_values if flag_values is not None else flags.FLAGS
+    if fv.preset not in PRESETS:
+        raise ConfigError("preset", f"unknown {fv.preset!r}; choose one of {', '.join(PRESETS)}")
+    base = PRESETS[fv.preset]
+    overrides: dict[str, Any] = {}
+    for field in dataclasses.fields(Config):
+        if field.name == "model_options":
+            continue
+        value = fv[field.name].value
+        if value is None:
+            continue
+        overrides[field.name] = parse_patch(value) if field.name == "patch" else value
+    options = parse_model_options(fv.model_option)
+    if options:
+        overrides["model_options"] = {**base.model_options, **options}
+    return validate(dataclasses.replace(base, **overrides))

@@ -1,0 +1,425 @@
+"""The training loop: mesh, sharded train state, the jitted step, and the run.
+
+Sharding: one ``jax.make_mesh`` over every device with axes ('data', 'space'),
+both ``AxisType.Auto`` (the compiler partitions the model's global-view code;
+Explicit mode would ask every op such as ``jnp.repeat`` for an out_sharding).
+Batches are sharded ``P('data', 'space')``: the batch over 'data', the depth
+axis of each volume over 'space' (XLA inserts the convolution halos). The
+train state is replicated. Each process feeds its own rows of the global batch
+(``jax.make_array_from_process_local_data``).
+
+The state is a plain dict pytree ``{step, params, opt_state, model_state,
+rng}``; the model's structure lives in an ``nnx`` graphdef, so the jitted step
+``(state, batch) -> (state, metrics)`` is a pure function, donated in place.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding
+
+from train import losses
+from train.checkpoint import Checkpoints
+from train.config import Config, ConfigError, parse_mesh, validate, write_run_config
+
+AXES = ("data", "space")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a non-finite loss or gradient; the run stops."""
+
+
+def maybe_initialize_distributed(environ=os.environ) -> bool:
+    """Calls ``jax.distributed.initialize`` when the environment describes several processes.
+
+    Recognised: ``JAX_COORDINATOR_ADDRESS`` + ``JAX_NUM_PROCESSES`` +
+    ``JAX_PROCESS_ID`` (any launcher), or a Slurm / Open MPI job with more than
+    one task (JAX detects its parameters). Must run before any other JAX call.
+    Returns True when running multi-process.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    address, count, index = (environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))
+    if address and count and index:
+        jax.distributed.initialize(address, num_processes=int(count), process_id=int(index))
+        return True
+    if int(environ.get("SLURM_NTASKS", "1")) > 1 or "OMPI_MCA_orte_hnp_uri" in environ:
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+def make_mesh(spec: str = "", devices=None) -> jax.sharding.Mesh:
+    """A ('data', 'space') mesh over ``devices`` (default: all), e.g. spec 'data=4,space=2'.
+
+    An axis left out takes what the other leaves; the product must equal the
+    device count.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    n = len(devices)
+    sizes = parse_mesh(spec)
+    space = sizes.get("space", 1 if "data" not in sizes else max(1, n // sizes["data"]))
+    data = sizes.get("data", n // space)
+    if data * space != n or n % space:
+        raise ConfigError("mesh", f"data={data} x space={space} does not match the {n} available devices")
+    return jax.make_mesh((data, space), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+
+def replicated(mesh) -> NamedSharding:
+    """Every device holds the whole array."""
+    return NamedSharding(mesh, jax.P())
+
+
+def batch_shardings(mesh) -> dict[str, NamedSharding]:
+    """Shardings of a batch dict: batch axis on 'data', axis 1 (depth, or height in 2D) on 'space'."""
+    spec = jax.P("data", "space")
+    return {"image": NamedSharding(mesh, spec), "label": NamedSharding(mesh, spec)}
+
+
+def check_batch_fits(mesh, batch: int, depth: int, *, flag: str = "batch") -> None:
+    """ConfigError naming the flag when the batch or patch cannot be split over the mesh."""
+    data, space = mesh.shape["data"], mesh.shape["space"]
+    if batch % data:
+        raise ConfigError(flag, f"{batch} is not divisible by the mesh's data axis ({data})")
+    if depth % space:
+        raise ConfigError("mesh", f"space={space} does not divide the patch depth {depth}")
+    if data % jax.process_count():
+        raise ConfigError("mesh", f"the data axis ({data}) must be a multiple of the {jax.process_count()} processes")
+
+
+def shard_batch(batch: dict, mesh) -> dict[str, jax.Array]:
+    """This process's rows of the global batch -> global arrays sharded over the mesh."""
+    out = {}
+    for key, sharding in batch_shardings(mesh).items():
+        local = np.asarray(batch[key])
+        global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+        out[key] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+    return out
+
+
+def make_schedule(lr: float, steps: int, warmup_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0 to ``lr``, then cosine decay to ``lr / 100`` at ``steps``."""
+    warmup = min(warmup_steps, max(steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr / 100)
+
+
+def make_optimizer(schedule: optax.Schedule, *, weight_decay: float, grad_clip: float) -> optax.GradientTransformation:
+    """AdamW (decay on kernels only), after global-norm clipping when ``grad_clip > 0``."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+    adamw = optax.adamw(schedule, weight_decay=weight_decay, mask=decay_mask)
+    return optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip > 0 else adamw
+
+
+@dataclasses.dataclass
+class Task:
+    """Everything the step needs that is not an array: model structure, optimizer, shardings."""
+
+    graphdef: Any
+    eval_graphdef: Any
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    num_classes: int
+    mesh: Any
+    abstract_state: Any  # ShapeDtypeStructs carrying their shardings
+    init: Callable[[], dict]  # builds the initial state, sharded
+
+
+def _split(model):
+    return nnx.split(model, nnx.Param, ...)
+
+
+def make_task(model_fn: Callable[[nnx.Rngs], nnx.Module], tx, schedule, num_classes: int, mesh, seed: int = 0) -> Task:
+    """The Task of a model: its abstract state from ``jax.eval_shape`` (no memory used).
+
+    ``task.init()`` then builds the initial state with
+    ``jax.jit(init, out_shardings=...)``, directly in its sharded layout.
+    """
+    graphdefs = {}
+
+    def init(key):
+        model = model_fn(nnx.Rngs(key))
+        graphdefs["train"], params, model_state = _split(model)
+        model.eval()
+        graphdefs["eval"] = nnx.graphdef(model)
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "opt_state": tx.init(params),
+            "model_state": model_state,
+            "rng": jax.random.key_data(jax.random.fold_in(key, 1)),
+        }
+
+    key = jax.random.key(seed)
+    abstract = jax.eval_shape(init, key)
+    shardings = jax.tree.map(lambda _: replicated(mesh), abstract)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+    def create() -> dict:
+        with jax.set_mesh(mesh):
+            return jax.jit(init, out_shardings=shardings)(key)
+
+    return Task(graphdefs["train"], graphdefs["eval"], tx, schedule, num_classes, mesh, abstract, create)
+
+
+def train_step(task: Task, state: dict, batch: dict) -> tuple[dict, dict]:
+    """One optimizer step on ``batch`` (pure; ``make_step`` jits it)."""
+
+    def loss_fn(params, model_state):
+        # Fresh variables made inside this trace: BatchNorm may update them here.
+        model = nnx.merge(task.graphdef, params, jax.tree.map(lambda x: x, model_state))
+        outputs = model(batch["image"])
+        loss, parts = losses.segmentation_loss(outputs, batch["label"], task.num_classes)
+        main = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+        return loss, (parts, _split(model)[2], main)
+
+    (loss, (parts, model_state, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], state["model_state"]
+    )
+    updates, opt_state = task.tx.update(grads, state["opt_state"], state["params"])
+    new_state = {
+        "step": state["step"] + 1,
+        "params": optax.apply_updates(state["params"], updates),
+        "opt_state": opt_state,
+        "model_state": model_state,
+        "rng": jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0]),
+    }
+    metrics = {
+        "loss": loss,
+        "dice": losses.hard_dice(logits, batch["label"], task.num_classes),
+        "grad_norm": optax.tree.norm(grads),
+        "lr": task.schedule(state["step"]),
+        **parts,
+    }
+    return new_state, metrics
+
+
+def make_step(task: Task):
+    """``train_step`` jitted with the state replicated, the batch sharded and the state donated."""
+    state_shardings = jax.tree.map(lambda a: a.sharding, task.abstract_state)
+    return jax.jit(
+        functools.partial(train_step, task),
+        in_shardings=(state_shardings, batch_shardings(task.mesh)),
+        out_shardings=(state_shardings, replicated(task.mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def host_copy(tree):
+    """Numpy copy of a replicated pytree (works in every process of a multi-host run)."""
+    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else a, tree)
+
+
+def eval_model(task: Task, state: dict) -> nnx.Module:
+    """The model in eval mode with the state's parameters, on this process's default device."""
+    return nnx.merge(task.eval_graphdef, host_copy(state["params"]), host_copy(state["model_state"]))
+
+
+class Progress:
+    """Collects step metrics, checks them, prints progress lines and writes metrics.csv."""
+
+    FIELDS = ("step", "loss", "dice", "ce", "dice_loss", "grad_norm", "lr", "voxels_per_s", "val_dice_mean", "wall_s")
+
+    def __init__(self, *, name: str, total: int, voxels_per_step: int, csv_path: Path | None, start: int):
+        self.name, self.total, self.voxels = name, total, voxels_per_step
+        self.csv_path = csv_path if jax.process_index() == 0 else None
+        self.pending: list[tuple[int, dict]] = []
+        self.t0 = self.tick = time.perf_counter()
+        self.tick_step = self.start = start
+        if self.csv_path is not None:
+            _truncate_csv(self.csv_path, start, self.FIELDS)
+
+    def restart_clock(self, step: int) -> None:
+        self.tick, self.tick_step = time.perf_counter(), step
+
+    def elapsed(self) -> float:
+        return round(time.perf_counter() - self.t0, 2)
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.pending.append((step, metrics))
+
+    def flush(self, step: int, *, print_line: bool = True) -> dict:
+        """Syncs pending metrics; raises NonFiniteLoss; logs the newest. Returns its values."""
+        if not self.pending:
+            return {}
+        fetched = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in self.pending]
+        self.pending = []
+        for s, m in fetched:
+            if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+                raise NonFiniteLoss(f"loss {m['loss']} / gradient norm {m['grad_norm']} at step {s}")
+        now = time.perf_counter()
+        row = dict(fetched[-1][1], step=step, wall_s=round(now - self.t0, 2))
+        row["voxels_per_s"] = self.voxels * (step - self.tick_step) / max(now - self.tick, 1e-9)
+        self.tick, self.tick_step = now, step
+        if print_line and jax.process_index() == 0:
+            eta = (now - self.t0) / max(step - self.start, 1) * (self.total - step)
+            print(
+                f"{self.name} step {step:>6}/{self.total}  loss {row['loss']:.4f}  dice {row['dice']:.3f}  "
+                f"lr {row['lr']:.2e}  vox/s {row['voxels_per_s']:.3g}  eta {eta:.0f}s",
+                flush=True,
+            )
+        self.write(row)
+        return row
+
+    def write(self, row: dict) -> None:
+        if self.csv_path is None:
+            return
+        new = not self.csv_path.exists()
+        with open(self.csv_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, self.FIELDS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def _truncate_csv(path: Path, start: int, fields) -> None:
+    # A resumed run replays the steps after its checkpoint: drop their old rows.
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= start]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def fit(task: Task, state, iterator, progress: Progress, *, start: int, stop: int, log_every: int,
+        checkpoints: Checkpoints | None = None, checkpoint_every: int = 0,
+        validate: Callable[[dict, bool], dict] | None = None, eval_every: int = 0):
+    """Runs steps ``start + 1 .. stop``; returns ``(state, last validation result or None)``.
+
+    Metrics are synced (and checked for NaN/Inf) at every log, validation and
+    checkpoint step, so a state is saved only after its losses proved finite.
+    ``validate(state, final)`` gets ``final=True`` at ``stop``.
+    """
+    step_fn = make_step(task)
+    result = None
+    for step in range(start + 1, stop + 1):
+        batch = shard_batch(next(iterator), task.mesh)
+        with jax.set_mesh(task.mesh):
+            state, metrics = step_fn(state, batch)
+        progress.add(step, metrics)
+        last = step == stop
+        evaluate_now = validate is not None and (last or (eval_every > 0 and step % eval_every == 0))
+        save_now = checkpoints is not None and (last or step % checkpoint_every == 0)
+        if evaluate_now or save_now or last or step % log_every == 0:
+            progress.flush(step)
+        if evaluate_now:
+            result = validate(state, last)
+            progress.restart_clock(step)  # keep validation time out of voxels/s
+            progress.write({"step": step, "val_dice_mean": result["val_dice_mean"], "wall_s": progress.elapsed()})
+            if jax.process_index() == 0:
+                print(f"{progress.name} step {step:>6}/{stop}  val_dice_mean {result['val_dice_mean']:.4f}", flush=True)
+        if save_now:
+            checkpoints.save(step, state, iterator, val_dice=result["val_dice_mean"] if evaluate_now else None)
+    return state, result
+
+
+def open_source(config: Config, split: str):
+    """The dataset's ``split``; a bad --dataset is a ConfigError."""
+    from train.data.sources import make_source
+
+    try:
+        return make_source(config.dataset, split, cache_dir=config.cache_path, seed=config.seed)
+    except (ValueError, OSError, KeyError) as err:
+        raise ConfigError("dataset", str(err).strip().splitlines()[0]) from None
+
+
+def train_and_evaluate(config: Config) -> dict:
+    """Trains and validates the run ``config`` describes and returns its summary.
+
+    Writes WORKDIR/config.json, metrics.csv, checkpoints/, summary.json and
+    validation.png. A WORKDIR with checkpoints resumes from the newest good
+    one. Raises ConfigError for bad settings and NonFiniteLoss when training
+    diverges (the checkpoints written before stay intact).
+    """
+    from train import init as init_lib  # init builds on this module's step and loop
+    from train import report
+    from train.data import pipeline
+    from train.evaluate import evaluate
+
+    started = time.time()
+    config = validate(config)
+    workdir = Path(config.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = make_mesh(config.mesh)
+    check_batch_fits(mesh, config.batch, config.patch[0])
+    train_src, val_src = open_source(config, "train"), open_source(config, "val")
+    init_lib.check_patch_fits(config, train_src)
+    num_classes = train_src.num_classes
+    build = init_lib.model_fn(config, in_channels=train_src.num_channels, num_classes=num_classes, dims=config.dims)
+    init_lib.check_model(build, config.patch)
+    schedule = make_schedule(config.lr, config.steps, config.warmup_steps)
+    tx = make_optimizer(schedule, weight_decay=config.weight_decay, grad_clip=config.grad_clip)
+    task = make_task(build, tx, schedule, num_classes, mesh, config.seed)
+    if jax.process_index() == 0:
+        write_run_config(workdir / "config.json", config, train_src)
+
+    ds = pipeline.patch_dataset(
+        train_src, patch=config.patch, batch=config.batch // jax.process_count(), seed=config.seed,
+        foreground_fraction=config.foreground_fraction, augment=config.augment,
+        shard_index=jax.process_index(), shard_count=jax.process_count(),
+    )
+    iterator = pipeline.make_iterator(ds, config.workers)
+    checkpoints = Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
+    restored = checkpoints.restore_latest(task.abstract_state, iterator)
+    if restored is not None:
+        start, state = restored
+        _log(f"resuming from step {start} ({checkpoints.directory})")
+    else:
+        start, state = 0, init_lib.initialize(config, task, task.init(), train_src, workdir)
+
+    def validate_state(state, final):
+        return evaluate(
+            eval_model(task, state), val_src, patch=config.patch, num_classes=num_classes,
+            overlap=config.eval_overlap, baseline=final, keep_predictions=1 if final else 0,
+            max_cases=config.max_eval_cases,
+        )
+
+    progress = Progress(name="train", total=config.steps, voxels_per_step=config.batch * math.prod(config.patch),
+                        csv_path=workdir / "metrics.csv", start=start)
+    try:
+        state, result = fit(
+            task, state, iterator, progress, start=start, stop=config.steps, log_every=config.log_every,
+            checkpoints=checkpoints, checkpoint_every=config.checkpoint_every,
+            validate=validate_state, eval_every=config.eval_every,
+        )
+    except NonFiniteLoss as err:
+        checkpoints.close()
+        last = checkpoints.latest_step()
+        kept = f"step {last} in {checkpoints.directory}" if last is not None else "none yet"
+        raise NonFiniteLoss(f"{err}; training stopped. Last good checkpoint: {kept}. Try a lower --lr.") from None
+    checkpoints.close()
+    if result is None:  # nothing left to train (a finished run rerun): validate once more
+        result = validate_state(state, True)
+    summary = report.summary_from_evaluation(
+        result,
+        init=config.init, pretrained=config.pretrained_source or None, steps=config.steps,
+        wall_s=round(time.time() - started, 1), model=config.model, dims=config.dims, dataset=config.dataset,
+        patch=list(config.patch), batch=config.batch, devices=jax.device_count(), processes=jax.process_count(),
+        mesh=dict(mesh.shape), resumed_from=start or None, best_step=checkpoints.best_step(),
+    )
+    if jax.process_index() == 0:
+        report.write_summary(str(workdir), summary)
+        report.plot_evaluation(str(workdir), result, val_src, title=f"{config.model} init={config.init}")
+        _log(f"val_dice_mean {summary['val_dice_mean']:.4f} (threshold baseline "
+             f"{summary['baseline_threshold_dice']}) in {summary['wall_s']:.0f}s; {workdir / report.SUMMARY}")
+    return summary
+
+
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
