@@ -16,6 +16,7 @@ missing axis (see :func:`acsjax.acs_to_3d`).
 
 from __future__ import annotations
 
+import os
 from typing import Sequence, Union
 
 import jax
@@ -23,6 +24,32 @@ import jax.numpy as jnp
 from jax import lax
 
 Padding = Union[int, str, Sequence[Union[int, tuple[int, int]]]]
+IMPLS = ("xla", "gemm")
+# 'xla': lax.conv_general_dilated (cuDNN on GPU). 'gemm': acsjax.lowering's
+# scanned GEMMs over gathered taps (a CPU experiment; it falls back to 'xla'
+# for strided or otherwise unsupported convolutions).
+_conv_impl = os.environ.get("ACSJAX_CONV_IMPL", "xla")
+
+
+def set_conv_impl(impl: str) -> None:
+    """Chooses how :func:`conv` and :func:`acs_conv` lower: 'xla' (default) or 'gemm'.
+
+    Read at trace time: jitted functions keep the lowering they were traced with.
+    The environment variable ``ACSJAX_CONV_IMPL`` sets the initial choice.
+    """
+    global _conv_impl
+    if impl not in IMPLS:
+        raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
+    _conv_impl = impl
+
+
+def _fast(name: str, *args):
+    """The 'gemm' lowering's result, or None when it does not apply or is not selected."""
+    if _conv_impl != "gemm":
+        return None
+    from acsjax import lowering
+
+    return getattr(lowering, name)(*args)
 PADDING_MODES = ("zeros", "edge", "reflect")
 
 # Spatial dimension numbers per rank, Flax layout.
@@ -145,6 +172,9 @@ def conv(
     if padding_mode != "zeros":
         x = _pad_input(x, pads, padding_mode)
         pads = ((0, 0),) * nd
+    fast = _fast("conv", x, kernel, strides, pads, groups, precision)
+    if fast is not None:
+        return fast
     return lax.conv_general_dilated(
         x,
         kernel.astype(x.dtype),
@@ -214,6 +244,9 @@ def acs_conv(
     if padding_mode != "zeros":
         x = _pad_input(x, pads, padding_mode)
         pads = ((0, 0),) * 3
+    fast = _fast("acs", x, kernel, strides, pads, acs_kernel_split(cout), groups, precision)
+    if fast is not None:
+        return fast
     outputs = []
     start = 0
     for (_, missing), size in zip(ACS_GROUPS, acs_kernel_split(cout)):
