@@ -1,33 +1,30 @@
-"""Fast CPU lowerings of 3D and ACS convolutions as scanned GEMMs over gathered taps.
+"""Fast CPU lowerings of 3D, ACS and depthwise convolutions.
 
 XLA's CPU convolutions run far below the machine's matrix-multiply speed, and
-their kernel gradient is slower still. This module computes a stride-1
-convolution from matrix products instead, walking over the output depth in
-chunks small enough to stay in cache:
+their kernel gradients (and depthwise 3D convolutions) are slower still. Here
+a stride-1 convolution is computed from matrix products instead:
 
-* For each chunk of output depth slices, the ``kd`` input slices that a depth
-  tap reads are concatenated along channels (``K = kd * Cin`` columns).
-* One GEMM multiplies them by a weight matrix whose columns hold every
-  in-plane tap ``(b, c)`` of every output channel (``N = kh * kw * Cout``).
-* Each in-plane tap's block of columns is shifted by ``(b, c)`` and summed into
-  the output (a cheap fused loop over a cache-resident buffer).
+* Forward: a ``lax.scan`` walks over the depth slices of the input. Each slice
+  (zero-padded in plane) is multiplied by a ``(Cin, taps * Cout)`` weight
+  matrix, giving every output channel's response to every tap; the tap blocks
+  are then shifted in plane and summed (one fused loop over a cache-resident
+  buffer). A slice's depth tap ``a`` belongs to output slice ``p - a``, so the
+  ``kd - 1`` output slices still open travel in the scan carry.
+* Input gradient (``jax.custom_vjp``): the same scan over the output gradient
+  with flipped taps and transposed weights.
+* Kernel gradient: a scan over output slices of (the ``kd`` input slices that
+  the depth taps read, gathered along channels)^T @ (the output gradient
+  shifted by every plane tap).
 
-The gradient is defined with :func:`jax.custom_vjp`: the input gradient is the
-same machinery applied to the output gradient with flipped, transposed taps,
-and the kernel gradient is a GEMM, accumulated over the same depth chunks, of
-the gathered input with the shifted output gradient. Differentiating through
-the scan instead would store every chunk's gathered input and scatter into a
-full-size buffer per step.
+A convolution is a list of :class:`TapPart` s, dense blocks of taps between a
+slice of input channels and a slice of output channels. A full 3D convolution
+is one part; an ACS convolution is three (axial: the centre depth tap with all
+plane taps; coronal and sagittal: all depth taps with a row or a column of
+plane taps), so it keeps one third of the 3D convolution's FLOPs. Small
+problems skip the scan and run as one matrix product over the padded volume.
 
-A convolution is described as a list of :class:`TapPart` s, each a dense
-block of taps between a slice of input channels and a slice of output
-channels. A full 3D convolution is one part; an ACS convolution is three
-(the axial group reads the centre depth slice with all in-plane taps, the
-coronal and sagittal groups read three depth slices with a row or a column of
-in-plane taps), so its FLOPs stay one third of the 3D convolution's.
-
-Depthwise convolutions use :func:`depthwise_shift`, a sum of shifted inputs
-times per-channel weights that XLA fuses into single loops.
+Depthwise convolutions (:func:`depthwise`) are sums of shifted inputs times
+per-channel weights, which XLA fuses into single loops.
 """
 
 from __future__ import annotations
@@ -43,10 +40,9 @@ from jax import lax
 
 Pads = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
-# Bytes of GEMM output (float32) per chunk. About half the L2+L3 share of a
-# core: large enough for efficient GEMMs, small enough that the shift-and-add
-# re-reads it from cache. Measured: chunks of 1-2 depth slices at 64x64 were
-# 15-20% faster than chunks of 8 (see train/benchmarks/conv.py).
+# Above this many bytes of float32 GEMM output for the whole volume, walk over
+# depth slices so that each slice's product stays in cache for the shift-and-add.
+# Below it, one product over the padded volume avoids the scan's per-step cost.
 CHUNK_BYTES = 6 * 2**20
 
 
@@ -145,12 +141,12 @@ def _blocks(spec: ConvSpec):
 
 
 def _weight_matrix(spec: ConvSpec, weights, blocks) -> jax.Array:
-    """(cin, columns) matrix of one input group: column block = one (part, depth tap, plane tap)."""
-    cols = []
-    for i, ai, _, t, _ in blocks:
-        ti = spec.parts[i].plane_taps.index(t)
-        cols.append(weights[i][ai, ti])
-    return jnp.concatenate(cols, axis=1) if len(cols) > 1 else cols[0]
+    """(cin, columns) matrix of one input group, columns in :func:`_blocks` order."""
+    mats = []
+    for i in dict.fromkeys(b[0] for b in blocks):  # parts of the group, in order
+        na, nt, ci, co = weights[i].shape
+        mats.append(jnp.transpose(weights[i], (2, 0, 1, 3)).reshape(ci, na * nt * co))
+    return jnp.concatenate(mats, axis=1) if len(mats) > 1 else mats[0]
 
 
 def _fetch(a: jax.Array, start, n: int = 1) -> jax.Array:
@@ -203,11 +199,16 @@ def _collect(spec: ConvSpec, zs, depth_of, size) -> jax.Array:
                 key = spec.parts[i].out_slice
                 sums[key] = piece if key not in sums else sums[key] + piece
             col += width
-    keys = sorted({p.out_slice for p in spec.parts})
-    dtype = zs[0].dtype
-    pieces = [
-        sums[k] if k in sums else jnp.zeros(zs[0].shape[:1] + (n, h, w, k[1] - k[0]), dtype) for k in keys
-    ]
+    # Channels no part writes (a stride phase no tap reads, in an input gradient) stay zero.
+    pieces, start = [], 0
+    for key in sorted({p.out_slice for p in spec.parts}) + [(spec.out_channels, spec.out_channels)]:
+        if key[0] > start:
+            pieces.append(jnp.zeros(zs[0].shape[:1] + (n, h, w, key[0] - start), zs[0].dtype))
+        if key in sums:
+            pieces.append(sums[key])
+        elif key[1] > key[0]:
+            pieces.append(jnp.zeros(zs[0].shape[:1] + (n, h, w, key[1] - key[0]), zs[0].dtype))
+        start = max(start, key[1])
     return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=-1)
 
 
@@ -283,11 +284,16 @@ def _weight_products(spec: ConvSpec, xs_at, dys: jax.Array, acc_dtype) -> list[j
     res = []
     for ((lo, hi), depth_taps), idx in _gather_groups(spec):
         gt = jnp.concatenate([jnp.moveaxis(xs_at(a)[..., lo:hi], -1, 0) for a in depth_taps], axis=0)
+        # Shifting by (b, c) with zero fill = slicing one array padded by (kh - 1, kw - 1).
+        dyp = _pad(dys, ((0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1)))
+        n, h, w = dys.shape[1], dys.shape[2] + kh - 1, dys.shape[3] + kw - 1
         pieces = []
         for i in idx:
             olo, ohi = spec.parts[i].out_slice
-            g = dys[..., olo:ohi]
-            pieces += [_pad(g, ((0, 0), (b, kh - 1 - b), (c, kw - 1 - c))) for b, c in spec.parts[i].plane_taps]
+            pieces += [
+                dyp[:, :n, kh - 1 - b : kh - 1 - b + h, kw - 1 - c : kw - 1 - c + w, olo:ohi]
+                for b, c in spec.parts[i].plane_taps
+            ]
         dz = jnp.concatenate(pieces, axis=-1) if len(pieces) > 1 else pieces[0]
         contract = tuple(range(dz.ndim - 1))
         res.append(
@@ -315,20 +321,11 @@ def _weight_grads(spec: ConvSpec, x: jax.Array, dy: jax.Array, dtypes) -> tuple[
             xs_at = lambda a: _pad(_fetch(x, o - dl + a), plane)  # noqa: E731
             dys = lax.dynamic_slice_in_dim(dy, o, 1, axis=1)
             new = _weight_products(spec, xs_at, dys, acc_dtype)
-            return [acc + m for acc, m in zip(accs, new)], None
+            return (new if accs is None else [acc + m for acc, m in zip(accs, new)]), None
 
-        init = [jnp.zeros(shape, acc_dtype) for shape in _weight_grad_shapes(spec)]
+        init = [jnp.zeros(m.shape, m.dtype) for m in jax.eval_shape(step, None, 0)[0]]
         mats, _ = lax.scan(step, init, jnp.arange(out_d))
     return _split_weight_grads(spec, mats, dtypes)
-
-
-def _weight_grad_shapes(spec: ConvSpec) -> list[tuple[int, int]]:
-    """Shapes of the per-group kernel-gradient matrices of :func:`_weight_products`."""
-    shapes = []
-    for ((lo, hi), depth_taps), idx in _gather_groups(spec):
-        cols = sum(len(spec.parts[i].plane_taps) * (spec.parts[i].out_slice[1] - spec.parts[i].out_slice[0]) for i in idx)
-        shapes.append((len(depth_taps) * (hi - lo), cols))
-    return shapes
 
 
 def _split_weight_grads(spec: ConvSpec, mats, dtypes) -> tuple[jax.Array, ...]:
@@ -383,26 +380,75 @@ def _tap_conv_bwd(spec, res, dy):
 tap_conv.defvjp(_tap_conv_fwd, _tap_conv_bwd)
 
 
-def conv3d(x: jax.Array, kernel: jax.Array, pads: Pads, precision=None) -> jax.Array:
-    """Stride-1 3D convolution NDHWC x DHWIO with explicit ``(low, high)`` zero pads."""
+def _phase_spec(spec: ConvSpec, strides) -> tuple[ConvSpec, list]:
+    """A strided convolution as a stride-1 one over the input's stride phases.
+
+    With the input split into its ``sd * sh * sw`` phases (space-to-depth), tap
+    ``a = a' * s + r`` of phase ``r`` becomes tap ``a'`` of a stride-1 window of
+    size ``ceil(k / s)``. Each part splits into one part per phase, keeping only
+    the taps that exist, so no FLOPs are spent on zeros. Returns the new spec
+    and, per new part, ``(old part, depth tap indices, plane tap indices)``.
+    """
+    cin = max(p.in_slice[1] for p in spec.parts)
+    parts, picks = [], []
+    for r, phase in enumerate(itertools.product(*(range(s) for s in strides))):
+        rd, rh, rw = phase
+        for i, p in enumerate(spec.parts):
+            depth = [(a // strides[0], ai) for ai, a in enumerate(p.depth_taps) if a % strides[0] == rd]
+            plane = [
+                ((b // strides[1], c // strides[2]), ti)
+                for ti, (b, c) in enumerate(p.plane_taps)
+                if b % strides[1] == rh and c % strides[2] == rw
+            ]
+            if depth and plane:
+                in_slice = (r * cin + p.in_slice[0], r * cin + p.in_slice[1])
+                parts.append(TapPart(in_slice, p.out_slice, tuple(d for d, _ in depth), tuple(t for t, _ in plane)))
+                picks.append((i, [ai for _, ai in depth], [ti for _, ti in plane]))
+    extent = tuple(-(-k // s) for k, s in zip(spec.extent, strides))
+    return ConvSpec(tuple(parts), extent, ((0, 0),) * 3, spec.out_channels, spec.precision), picks
+
+
+def _strided(spec: ConvSpec, x: jax.Array, weights, strides) -> jax.Array:
+    """Runs ``spec`` with ``strides`` through :func:`_phase_spec` (autodiff handles the reshuffle)."""
+    out = [(n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(x.shape[1:4], spec.pads, spec.extent, strides)]
+    # Pad so that every phase has out + ceil(k / s) - 1 positions.
+    size = [(o + -(-k // s) - 1) * s for o, k, s in zip(out, spec.extent, strides)]
+    xp = _pad(x, [(lo, n - lo - m) for (lo, _), n, m in zip(spec.pads, size, x.shape[1:4])])
+    b, c = x.shape[0], x.shape[-1]
+    (d, sd), (h, sh), (w, sw) = [(n // s, s) for n, s in zip(size, strides)]
+    phases = xp.reshape(b, d, sd, h, sh, w, sw, c).transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, d, h, w, -1)
+    pspec, picks = _phase_spec(spec, strides)
+    pweights = tuple(weights[i][jnp.array(ai)][:, jnp.array(ti)] for i, ai, ti in picks)
+    return tap_conv(pspec, phases, pweights)
+
+
+def _run(spec: ConvSpec, x: jax.Array, weights, strides) -> jax.Array:
+    strides = tuple(strides)
+    if all(s == 1 for s in strides):
+        return tap_conv(spec, x, weights)
+    return _strided(spec, x, weights, strides)
+
+
+def conv3d(x: jax.Array, kernel: jax.Array, pads: Pads, strides=(1, 1, 1), precision=None) -> jax.Array:
+    """3D convolution NDHWC x DHWIO with explicit ``(low, high)`` zero pads."""
     spec = ConvSpec(dense_parts(*kernel.shape), kernel.shape[:3], tuple(map(tuple, pads)), kernel.shape[-1], precision)
-    return tap_conv(spec, x, dense_weights(kernel.astype(x.dtype)))
+    return _run(spec, x, dense_weights(kernel.astype(x.dtype)), strides)
 
 
-def acs_conv(x: jax.Array, kernel: jax.Array, pads: Pads, split: Sequence[int], precision=None) -> jax.Array:
-    """Stride-1 ACS convolution (groups=1) with a ``(k, k, cin, cout)`` kernel; see :func:`acs_parts`."""
+def acs_conv(x: jax.Array, kernel: jax.Array, pads: Pads, split: Sequence[int], strides=(1, 1, 1), precision=None):
+    """ACS convolution (groups=1) with a ``(k, k, cin, cout)`` kernel; see :func:`acs_parts`."""
     k, _, cin, cout = kernel.shape
     spec = ConvSpec(acs_parts(k, cin, split), (k, k, k), tuple(map(tuple, pads)), cout, precision)
-    return tap_conv(spec, x, acs_weights(kernel.astype(x.dtype), split))
+    return _run(spec, x, acs_weights(kernel.astype(x.dtype), split), strides)
 
 
 def conv(x: jax.Array, kernel: jax.Array, strides, pads, groups: int = 1, precision=None) -> jax.Array | None:
     """Fast lowering of a 2D or 3D convolution, or None where none applies.
 
-    Handles groups == 1 with stride 1 (:func:`tap_conv`), 1x1 kernels without
-    padding (one matrix product), and depthwise convolutions (``groups`` equal
-    to the input and output channels) with any stride. A 2D problem runs as a
-    volume whose depth axis is the batch.
+    Handles groups == 1 (:func:`tap_conv`; strided ones over stride phases),
+    1x1 kernels at stride 1 without padding (one matrix product), and depthwise
+    convolutions (``groups`` equal to the input and output channels). A 2D
+    problem runs as a volume whose depth axis is the batch.
     """
     if kernel.ndim == 4:
         y = conv(x[None], kernel[None], (1,) + tuple(strides), ((0, 0),) + tuple(pads), groups, precision)
@@ -414,23 +460,19 @@ def conv(x: jax.Array, kernel: jax.Array, strides, pads, groups: int = 1, precis
             return None
         spec = DepthwiseSpec((((0, cin), tuple(all_offsets(kernel.shape[:3]))),), tuple(strides), pads)
         return depthwise(spec, x, (kernel.reshape(-1, cin).astype(x.dtype),))
-    if any(s != 1 for s in strides):
-        return None
-    if kernel.shape[:3] == (1, 1, 1) and all(p == (0, 0) for p in pads):
+    if kernel.shape[:3] == (1, 1, 1) and all(p == (0, 0) for p in pads) and all(s == 1 for s in strides):
         return jnp.dot(x, kernel.reshape(cin, cout).astype(x.dtype), precision=precision)
-    return conv3d(x, kernel, pads, precision)
+    return conv3d(x, kernel, pads, strides, precision)
 
 
-def acs(x: jax.Array, kernel: jax.Array, strides, pads, split, groups: int = 1, precision=None) -> jax.Array | None:
-    """Fast lowering of an ACS convolution (groups 1 at stride 1, or depthwise), or None."""
+def acs(x: jax.Array, kernel: jax.Array, strides, pads, split, groups: int = 1, precision=None) -> jax.Array:
+    """Fast lowering of an ACS convolution (groups 1, or depthwise), any stride."""
     k = kernel.shape[0]
     pads = tuple(tuple(p) for p in pads)
     if groups > 1:
         spec = DepthwiseSpec(acs_depthwise_groups(k, split), tuple(strides), pads)
         return depthwise(spec, x, acs_depthwise_weights(kernel.astype(x.dtype), split))
-    if any(s != 1 for s in strides):
-        return None
-    return acs_conv(x, kernel, pads, split, precision)
+    return acs_conv(x, kernel, pads, split, strides, precision)
 
 
 def acs_depthwise_groups(k: int, split: Sequence[int]):
@@ -473,14 +515,15 @@ def _depthwise_forward(spec: DepthwiseSpec, x: jax.Array, weights) -> jax.Array:
         (n - 1 - max(o[i] for _, offs in spec.groups for o in offs)) // s + 1
         for i, (n, s) in enumerate(zip(xp.shape[1:4], spec.strides))
     ]
+    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
     outs = []
     for ((lo, hi), offsets), w in zip(spec.groups, weights):
         acc = None
         for t, off in enumerate(offsets):
-            term = _window(xp, off, out, spec.strides)[..., lo:hi] * w[t].astype(x.dtype)
+            term = _window(xp, off, out, spec.strides)[..., lo:hi].astype(acc_dtype) * w[t].astype(acc_dtype)
             acc = term if acc is None else acc + term
         outs.append(acc)
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
+    return (outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)).astype(x.dtype)
 
 
 def _window(xp: jax.Array, off, out, strides) -> jax.Array:
@@ -539,28 +582,20 @@ def all_offsets(extent: Sequence[int]) -> list[tuple[int, ...]]:
     return list(itertools.product(*(range(k) for k in extent)))
 
 
-def gemm_flops(parts: Sequence[TapPart], out_positions: int) -> int:
-    """Multiply-add FLOPs (x2) of a tap convolution: useful for benchmarks' own counts."""
-    return 2 * out_positions * sum(
-        len(p.depth_taps) * len(p.plane_taps) * (p.in_slice[1] - p.in_slice[0]) * (p.out_slice[1] - p.out_slice[0])
-        for p in parts
-    )
-
-
 __all__ = [
     "CHUNK_BYTES",
     "ConvSpec",
     "TapPart",
+    "acs",
     "acs_conv",
     "acs_parts",
     "acs_weights",
     "all_offsets",
-    "conv2d",
+    "conv",
     "conv3d",
     "dense_parts",
     "dense_weights",
     "DepthwiseSpec",
     "depthwise",
-    "gemm_flops",
     "tap_conv",
 ]

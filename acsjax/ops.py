@@ -11,10 +11,17 @@ channel groups (split by :func:`acs_kernel_split`) along the three planes of a
 volume: axial ``(1, k, k)``, coronal ``(k, 1, k)`` and sagittal ``(k, k, 1)``.
 Its output has the shape of a 3D convolution with a cubic kernel of size ``k``
 and equals one exactly when the 2D kernel is placed at index ``k // 2`` of the
-missing axis (see :func:`acsjax.acs_to_3d`). This is what ACSConv computes in
-the usual settings (odd k with padding k // 2, any stride); its code crops the
-input differently in a few unusual stride/padding combinations, where this
-definition, not ACSConv's crop, is the one implemented and tested.
+missing axis (see :func:`acsjax.acs_to_3d`).
+
+Lowerings. Every convolution takes ``impl``: ``'xla'`` is the plain
+``lax.conv_general_dilated`` (the reference); ``'gemm'`` uses the matrix-product
+lowerings of :mod:`acsjax.lowering` where they apply (stride 1 with groups 1,
+depthwise at any stride, 1x1 kernels) and the reference elsewhere; ``'auto'``
+(the default) picks ``'gemm'`` for 3D and ACS convolutions on CPU, where XLA's
+convolutions are slow, and ``'xla'`` on GPU/TPU, where cuDNN and XLA's own
+emitters are fast, and for 2D convolutions. The default comes from
+:func:`set_conv_impl` or the ``ACSJAX_CONV_IMPL`` environment variable; it is
+read when a function is traced, so set it before ``jax.jit`` compiles.
 """
 
 from __future__ import annotations
@@ -26,33 +33,47 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from acsjax import lowering
+
 Padding = Union[int, str, Sequence[Union[int, tuple[int, int]]]]
-IMPLS = ("xla", "gemm")
-# 'xla': lax.conv_general_dilated (cuDNN on GPU). 'gemm': acsjax.lowering's
-# scanned GEMMs over gathered taps (a CPU experiment; it falls back to 'xla'
-# for strided or otherwise unsupported convolutions).
-_conv_impl = os.environ.get("ACSJAX_CONV_IMPL", "xla")
+CONV_IMPLS = ("auto", "xla", "gemm")
 
 
-def set_conv_impl(impl: str) -> None:
-    """Chooses how :func:`conv` and :func:`acs_conv` lower: 'xla' (default) or 'gemm'.
+def _check_impl(impl: str) -> str:
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
+    return impl
 
-    Read at trace time: jitted functions keep the lowering they were traced with.
-    The environment variable ``ACSJAX_CONV_IMPL`` sets the initial choice.
+
+_conv_impl = _check_impl(os.environ.get("ACSJAX_CONV_IMPL", "auto"))
+
+
+def set_conv_impl(impl: str) -> str:
+    """Sets the default lowering ('auto', 'xla' or 'gemm'); returns the previous one.
+
+    Read at trace time: already compiled ``jax.jit`` functions keep the
+    lowering they were traced with. ``ACSJAX_CONV_IMPL`` sets the initial value.
     """
     global _conv_impl
-    if impl not in IMPLS:
-        raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
-    _conv_impl = impl
+    previous, _conv_impl = _conv_impl, _check_impl(impl)
+    return previous
 
 
-def _fast(name: str, *args):
-    """The 'gemm' lowering's result, or None when it does not apply or is not selected."""
-    if _conv_impl != "gemm":
-        return None
-    from acsjax import lowering
+def get_conv_impl() -> str:
+    """The default lowering, used where a call passes ``impl=None``."""
+    return _conv_impl
 
-    return getattr(lowering, name)(*args)
+
+def resolve_impl(impl: str | None, spatial_rank: int) -> str:
+    """'xla' or 'gemm': what ``impl`` (None: the default) means for this rank on this backend."""
+    impl = _check_impl(_conv_impl if impl is None else impl)
+    if impl != "auto":
+        return impl
+    # XLA's 2D convolutions are competitive on CPU, its 3D ones are not;
+    # on GPU/TPU the native convolution (cuDNN) is the fast path.
+    return "gemm" if spatial_rank == 3 and jax.default_backend() == "cpu" else "xla"
+
+
 PADDING_MODES = ("zeros", "edge", "reflect")
 
 # Spatial dimension numbers per rank, Flax layout.
@@ -146,6 +167,7 @@ def conv(
     padding_mode: str = "zeros",
     groups: int = 1,
     precision=None,
+    impl: str | None = None,
 ) -> jax.Array:
     """2D or 3D convolution chosen by the kernel's rank (HWIO or DHWIO).
 
@@ -156,6 +178,8 @@ def conv(
       padding: int (PyTorch's symmetric zeros), per-axis ints or pairs, 'SAME', 'VALID'.
       padding_mode: 'zeros', or 'edge' / 'reflect' to pad with the border values.
       groups: feature groups (``groups == cin`` for a depthwise convolution).
+      precision: passed to the convolution or matrix products.
+      impl: 'auto', 'xla' or 'gemm' (see the module docstring); None uses the default.
     """
     nd = kernel.ndim - 2
     if nd not in _DIMENSION_NUMBERS:
@@ -175,9 +199,10 @@ def conv(
     if padding_mode != "zeros":
         x = _pad_input(x, pads, padding_mode)
         pads = ((0, 0),) * nd
-    fast = _fast("conv", x, kernel, strides, pads, groups, precision)
-    if fast is not None:
-        return fast
+    if resolve_impl(impl, nd) == "gemm":
+        y = lowering.conv(x, kernel, strides, pads, groups, precision)
+        if y is not None:
+            return y
     return lax.conv_general_dilated(
         x,
         kernel.astype(x.dtype),
@@ -215,6 +240,7 @@ def acs_conv(
     padding_mode: str = "zeros",
     groups: int = 1,
     precision=None,
+    impl: str | None = None,
 ) -> jax.Array:
     """ACS convolution of a volume ``(N, D, H, W, C)`` with a 2D kernel ``(k, k, cin // groups, cout)``.
 
@@ -224,6 +250,7 @@ def acs_conv(
     The output shape equals a 3D convolution with a ``(k, k, k)`` kernel and
     the same strides and padding. ``groups`` may be 1 or, for a depthwise
     convolution, equal to the number of input and output channels.
+    ``impl`` selects the lowering as for :func:`conv`.
     """
     if kernel.ndim != 4:
         raise ValueError(f"acs_conv: kernel must be a 2-D HWIO kernel, got shape {kernel.shape}")
@@ -247,9 +274,10 @@ def acs_conv(
     if padding_mode != "zeros":
         x = _pad_input(x, pads, padding_mode)
         pads = ((0, 0),) * 3
-    fast = _fast("acs", x, kernel, strides, pads, acs_kernel_split(cout), groups, precision)
-    if fast is not None:
-        return fast
+    if resolve_impl(impl, 3) == "gemm":
+        y = lowering.acs(x, kernel, strides, pads, acs_kernel_split(cout), groups, precision)
+        if y is not None:
+            return y
     outputs = []
     start = 0
     for (_, missing), size in zip(ACS_GROUPS, acs_kernel_split(cout)):

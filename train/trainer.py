@@ -31,6 +31,8 @@ import optax
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 
+import acsjax.ops
+
 from train import losses
 from train.checkpoint import Checkpoints
 from train.config import Config, ConfigError, parse_mesh, validate, write_run_config
@@ -346,13 +348,25 @@ def train_and_evaluate(config: Config) -> dict:
     one. Raises ConfigError for bad settings and NonFiniteLoss when training
     diverges (the checkpoints written before stay intact).
     """
+    config = validate(config)
+    if not config.conv_impl:
+        return _run(config)
+    # The lowering is read when a step is traced: set it before anything
+    # compiles, and give the process its previous default back afterwards.
+    previous = acsjax.ops.set_conv_impl(config.conv_impl)
+    try:
+        return _run(config)
+    finally:
+        acsjax.ops.set_conv_impl(previous)
+
+
+def _run(config: Config) -> dict:
     from train import init as init_lib  # init builds on this module's step and loop
     from train import report
     from train.data import pipeline
     from train.evaluate import evaluate
 
     started = time.time()
-    config = validate(config)
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(config.mesh)
