@@ -73,6 +73,7 @@ def step_memory(config, volume, devices: int, *, in_channels: int = 1, num_class
     import jax
     import jax.numpy as jnp
 
+    import acsjax.ops
     from train import init, trainer
 
     mesh = trainer.make_mesh(f"data=1,space={devices}", devices=jax.devices()[:devices])
@@ -87,8 +88,14 @@ def step_memory(config, volume, devices: int, *, in_channels: int = 1, num_class
         "label": jax.ShapeDtypeStruct((batch, *volume), jnp.int32, sharding=shardings["label"]),
     }
     start = time.perf_counter()
-    with jax.set_mesh(mesh):
-        compiled = trainer.make_step(task).lower(task.abstract_state, batch_spec).compile()
+    # Plan the program an accelerator runs: XLA's own convolutions (cuDNN on
+    # GPU), not the CPU-only GEMM lowering that 'auto' picks on this backend.
+    previous = acsjax.ops.set_conv_impl("xla")
+    try:
+        with jax.set_mesh(mesh):
+            compiled = trainer.make_step(task).lower(task.abstract_state, batch_spec).compile()
+    finally:
+        acsjax.ops.set_conv_impl(previous)
     stats = compiled.memory_analysis()
     return StepMemory(
         devices=devices,

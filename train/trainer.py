@@ -349,11 +349,17 @@ def train_and_evaluate(config: Config) -> dict:
     diverges (the checkpoints written before stay intact).
     """
     config = validate(config)
-    if not config.conv_impl:
+    impl = config.conv_impl
+    if parse_mesh(config.mesh).get("space", 1) > 1 and impl in ("", "auto"):
+        # The GEMM lowering walks over depth slices; with depth split over the
+        # 'space' axis, XLA's own convolution lets the SPMD partitioner
+        # exchange halos instead of gathering the volume.
+        impl = "xla"
+    if not impl:
         return _run(config)
     # The lowering is read when a step is traced: set it before anything
     # compiles, and give the process its previous default back afterwards.
-    previous = acsjax.ops.set_conv_impl(config.conv_impl)
+    previous = acsjax.ops.set_conv_impl(impl)
     try:
         return _run(config)
     finally:
