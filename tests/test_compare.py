@@ -3,10 +3,16 @@
 from train import compare
 
 
-def test_variants_skip_sources_for_scratch():
+def test_variants_skip_sources_for_scratch_and_put_imagenet_on_its_encoder():
+    lite = compare.IMAGENET_MODEL
     assert compare.variants(["scratch", "scale", "acs"], ["slices", "imagenet"]) == [
-        ("scratch", ""), ("scale", "slices"), ("scale", "imagenet"), ("acs", "slices"), ("acs", "imagenet"),
+        ("scratch", "", "unet"), ("scratch", "", lite),
+        ("scale", "slices", "unet"), ("scale", "imagenet", lite), ("acs", "slices", "unet"), ("acs", "imagenet", lite),
     ]
+    assert compare.variants(["scratch", "acs"], ["slices"]) == [("scratch", "", "unet"), ("acs", "slices", "unet")]
+    assert compare.variant_name("scratch", "", lite, "unet") == f"scratch ({lite})"
+    assert compare.variant_name("acs", "imagenet", lite, "unet") == "acs-imagenet"
+    assert compare.variant_name("scale", "slices", "unet", "unet") == "scale-slices"
 
 
 def _run(name, seed, curve, wall=10.0, params=100, baseline=0.5):

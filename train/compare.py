@@ -22,15 +22,34 @@ from pathlib import Path
 from train import config as config_lib
 
 
-def variants(inits, sources):
-    """(init, source) pairs; scratch has no 2D source."""
+# The ImageNet weights shipped with the project are EfficientNet-Lite0's, so
+# '--pretrained=imagenet' variants train the U-Net on that encoder.
+IMAGENET_MODEL = "efficientnet_lite0_unet"
+
+
+def variants(inits, sources, model: str = "unet") -> list[tuple[str, str, str]]:
+    """(init, source, model) triples; scratch has no 2D source.
+
+    'imagenet' variants use :data:`IMAGENET_MODEL`; when that differs from
+    ``model``, a scratch run of it is added so that every pretrained variant
+    has a from-scratch baseline of the same network.
+    """
     out = []
     for init in inits:
         if init == "scratch":
-            out.append((init, ""))
-        else:
-            out.extend((init, source) for source in sources)
+            out.append((init, "", model))
+            continue
+        for source in sources:
+            out.append((init, source, IMAGENET_MODEL if source == "imagenet" else model))
+    if "scratch" in inits and "imagenet" in sources and model != IMAGENET_MODEL:
+        out.insert(1, ("scratch", "", IMAGENET_MODEL))
     return out
+
+
+def variant_name(init: str, source: str, model: str, base_model: str) -> str:
+    """'scale-slices', 'acs-imagenet' or 'scratch'; other models than the base one are named."""
+    name = f"{init}-{source}" if source else init
+    return name if model == base_model or source == "imagenet" else f"{name} ({model})"
 
 
 def _curve(workdir: Path) -> list[tuple[int, float]]:
@@ -50,14 +69,17 @@ def _param_count(config) -> int:
     return param_count(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
 
 
-def run_variant(base, init: str, source: str, seed: int, out: Path) -> dict:
+def run_variant(base, init: str, source: str, seed: int, out: Path, model: str | None = None) -> dict:
     """Trains (or reuses) one run; returns its summary, curve and parameter count."""
     from train import trainer
 
-    name = f"{init}-{source}" if source else init
-    workdir = out / name / f"seed{seed}"
+    model = model or base.model
+    name = variant_name(init, source, model, base.model)
+    workdir = out / name.replace(" ", "_").replace("(", "").replace(")", "") / f"seed{seed}"
+    options = base.model_options if model == base.model else {}
     config = config_lib.validate(
-        dataclasses.replace(base, init=init, pretrained=source, seed=seed, workdir=str(workdir))
+        dataclasses.replace(base, init=init, pretrained=source, seed=seed, workdir=str(workdir), model=model,
+                            model_options=options)
     )
     summary_path = workdir / "summary.json"
     if summary_path.exists():
@@ -160,9 +182,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for init, source in variants(inits, sources):
+    for init, source, model in variants(inits, sources, base.model):
         for seed in seeds:
-            results.append(run_variant(base, init, source, seed, out))
+            results.append(run_variant(base, init, source, seed, out, model))
     text = table(results, args.threshold)
     command = "python -m train.compare " + " ".join(argv if argv is not None else sys.argv[1:])
     (out / "comparison.md").write_text(f"`{command}`\n\n{text}")
