@@ -2,26 +2,39 @@
 
 XLA's CPU convolutions run far below the machine's matrix-multiply speed, and
 their kernel gradients (and depthwise 3D convolutions) are slower still. Here
-a stride-1 convolution is computed from matrix products instead:
+a stride-1 convolution is computed from matrix products in one of three forms,
+picked per convolution (:func:`_choose_form`) as the one whose intermediate
+buffers per position are narrowest:
 
-* Forward: a ``lax.scan`` walks over the depth slices of the input. Each slice
-  (zero-padded in plane) is multiplied by a ``(Cin, taps * Cout)`` weight
-  matrix, giving every output channel's response to every tap; the tap blocks
-  are then shifted in plane and summed (one fused loop over a cache-resident
-  buffer). A slice's depth tap ``a`` belongs to output slice ``p - a``, so the
-  ``kd - 1`` output slices still open travel in the scan carry.
-* Input gradient (``jax.custom_vjp``): the same scan over the output gradient
-  with flipped taps and transposed weights.
+* 'scatter' (input-stationary): a ``lax.scan`` walks over the depth slices of
+  the input. Each slice (zero-padded in plane) is multiplied by a
+  ``(Cin, taps * Cout)`` weight matrix, giving every output channel's
+  response to every tap; the tap blocks are then shifted in plane and summed.
+  A slice's depth tap ``a`` belongs to output slice ``p - a``, so the
+  ``kd - 1`` output slices still open travel in the scan carry. Best where
+  the output channels are split among parts (an ACS forward): one GEMM serves all.
+* 'gather' (im2col, output-stationary): a scan over output depth slices; the
+  input windows of every tap are concatenated along channels and one GEMM per
+  output channel slice maps them to the output. Best for few input channels.
+* 'hybrid' (output-stationary): as 'gather' over depth and row taps, while the
+  GEMM's columns hold the column taps' responses, shifted and summed. It keeps
+  both buffers narrow for a full 3D convolution and for ACS input gradients.
+
+The output-stationary forms work on chunks of output rows (``ROW_BYTES``), so
+their buffers stay in cache.
+
+* Input gradient (``jax.custom_vjp``): the forward of the transposed
+  convolution (flipped taps, transposed weights), in its own best form.
 * Kernel gradient: a scan over output slices of (the ``kd`` input slices that
   the depth taps read, gathered along channels)^T @ (the output gradient
-  shifted by every plane tap).
+  shifted by every plane tap), summed over chunks of rows (``WGRAD_BYTES``).
 
 A convolution is a list of :class:`TapPart` s, dense blocks of taps between a
 slice of input channels and a slice of output channels. A full 3D convolution
 is one part; an ACS convolution is three (axial: the centre depth tap with all
 plane taps; coronal and sagittal: all depth taps with a row or a column of
 plane taps), so it keeps one third of the 3D convolution's FLOPs. Small
-problems skip the scan and run as one matrix product over the padded volume.
+problems skip the scan and run over the whole padded volume.
 
 Depthwise convolutions (:func:`depthwise`) are sums of shifted inputs times
 per-channel weights, which XLA fuses into single loops.
@@ -44,6 +57,13 @@ Pads = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 # depth slices so that each slice's product stays in cache for the shift-and-add.
 # Below it, one product over the padded volume avoids the scan's per-step cost.
 CHUNK_BYTES = 6 * 2**20
+# Row chunks of the output-stationary forms keep their gathered input and GEMM
+# output (float32, per depth step) near this many bytes, so that they stay in cache.
+ROW_BYTES = 4 * 2**20
+# The same for the operands of the kernel gradient's products.
+WGRAD_BYTES = 4 * 2**20
+# Forces one form ('scatter', 'gather' or 'hybrid'; tests, benchmarks); None chooses.
+FORM: str | None = None
 
 
 class TapPart(NamedTuple):
@@ -227,6 +247,9 @@ def _streams(spec: ConvSpec, x_shape) -> bool:
 
 
 def _forward(spec: ConvSpec, x: jax.Array, weights: Sequence[jax.Array]) -> jax.Array:
+    form = _choose_form(spec)
+    if form != "scatter":
+        return _forward_gather(spec, x, weights, form)
     kd = spec.extent[0]
     out_d, out_h, out_w = _out_shape(spec, x.shape)
     mats = [_weight_matrix(spec, weights, blocks) for _, blocks in _blocks(spec)]
@@ -264,6 +287,161 @@ def _forward(spec: ConvSpec, x: jax.Array, weights: Sequence[jax.Array]) -> jax.
     return y
 
 
+def _plane_grid(p: TapPart):
+    """``(rows, cols)`` when the part's plane taps are the product rows x cols in row-major order, else None."""
+    rows = tuple(dict.fromkeys(b for b, _ in p.plane_taps))
+    cols = tuple(dict.fromkeys(c for _, c in p.plane_taps))
+    return (rows, cols) if tuple(itertools.product(rows, cols)) == p.plane_taps else None
+
+
+def _out_groups(spec: ConvSpec, form: str):
+    """GEMMs of the output-stationary forms, grouped by output slice.
+
+    Returns ``[(out_slice, [(cols, [(part_index, rows_per_tap)])])]``: each
+    GEMM gathers, for its parts in order, the input windows at every depth tap
+    and every row tap ``rows_per_tap`` (per depth tap a list of ``(b, c)``
+    taps, ``c`` None where the GEMM's columns scatter over ``cols``). With
+    ``cols`` None the GEMM's columns are the output channels ('gather');
+    otherwise they are ``(c, cout)`` blocks that are shifted by ``c`` and summed.
+    """
+    groups: dict = {}
+    for i, p in enumerate(spec.parts):
+        grid = _plane_grid(p) if form == "hybrid" else None
+        if grid is None or len(grid[1]) == 1:
+            key, taps = None, list(p.plane_taps)
+        else:
+            key, taps = grid[1], [(b, None) for b in grid[0]]
+        gemms = groups.setdefault(p.out_slice, {})
+        gemms.setdefault(key, []).append((i, taps))
+    return [(out, list(gemms.items())) for out, gemms in groups.items()]
+
+
+def _gather_matrix(spec: ConvSpec, weights, cols, members) -> jax.Array:
+    """(K, N) weight of one output-stationary GEMM, rows in gather order (part, a, tap, cin)."""
+    mats = []
+    for i, taps in members:
+        w = weights[i]
+        na, nt, ci, co = w.shape
+        if cols is None:
+            mats.append(w.reshape(na * nt * ci, co))
+        else:
+            p = spec.parts[i]
+            idx = [[p.plane_taps.index((b, c)) for c in cols] for b, _ in taps]
+            g = w[:, jnp.array(idx)]  # (na, rows, cols, ci, co)
+            mats.append(jnp.transpose(g, (0, 1, 3, 2, 4)).reshape(na * len(taps) * ci, len(cols) * co))
+    return jnp.concatenate(mats, axis=0) if len(mats) > 1 else mats[0]
+
+
+def _gather_width(spec: ConvSpec, form: str) -> tuple[int, int]:
+    """(gathered input width, GEMM output width) per output position of an output-stationary form."""
+    k = n = 0
+    for (olo, ohi), gemms in _out_groups(spec, form):
+        for cols, members in gemms:
+            for i, taps in members:
+                p = spec.parts[i]
+                k += len(p.depth_taps) * len(taps) * (p.in_slice[1] - p.in_slice[0])
+            n += (ohi - olo) * (1 if cols is None else len(cols))
+    return k, n
+
+
+def _choose_form(spec: ConvSpec) -> str:
+    """The form whose intermediate buffers per position are smallest."""
+    if FORM is not None:
+        return FORM
+    scatter = sum(w for _, blocks in _blocks(spec) for *_, w in blocks)
+    cost = {"scatter": scatter}
+    for form in ("gather", "hybrid"):
+        cost[form] = sum(_gather_width(spec, form))
+    return min(cost, key=cost.get)
+
+
+def _gather_block(spec: ConvSpec, form, slabs, mats, acc_dtype, rows, out_w) -> jax.Array:
+    """Output rows ``[r0, r1)`` of every output channel from the padded input ``slabs[a]`` (depth tap a)."""
+    r0, r1 = rows
+    outs, mi = [], 0
+    for (olo, ohi), gemms in _out_groups(spec, form):
+        acc = None
+        for cols, members in gemms:
+            pieces = []
+            for i, taps in members:
+                p = spec.parts[i]
+                lo, hi = p.in_slice
+                for a in p.depth_taps:
+                    s = slabs[a]
+                    for b, c in taps:
+                        if c is None:
+                            pieces.append(s[:, :, r0 + b : r1 + b, :, lo:hi])
+                        else:
+                            pieces.append(s[:, :, r0 + b : r1 + b, c : c + out_w, lo:hi])
+            g = jnp.concatenate(pieces, axis=-1) if len(pieces) > 1 else pieces[0]
+            z = jnp.dot(g, mats[mi].astype(g.dtype), precision=spec.precision, preferred_element_type=acc_dtype)
+            mi += 1
+            if cols is None:
+                terms = [z]
+            else:
+                co = ohi - olo
+                terms = [z[:, :, :, c : c + out_w, j * co : (j + 1) * co] for j, c in enumerate(cols)]
+            for t in terms:
+                acc = t if acc is None else acc + t
+        outs.append(((olo, ohi), acc))
+    return _assemble(spec, outs, acc_dtype)
+
+
+def _assemble(spec: ConvSpec, outs, dtype) -> jax.Array:
+    """Concatenates per-output-slice sums along channels, zeros where no part writes."""
+    like = outs[0][1]
+    pieces, start = [], 0
+    for (lo, hi), v in sorted(outs, key=lambda o: o[0]):
+        if lo > start:
+            pieces.append(jnp.zeros(like.shape[:-1] + (lo - start,), dtype))
+        pieces.append(v)
+        start = hi
+    if start < spec.out_channels:
+        pieces.append(jnp.zeros(like.shape[:-1] + (spec.out_channels - start,), dtype))
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=-1)
+
+
+def _row_chunks(spec: ConvSpec, form, x_shape, depth: int, out_h: int, out_w: int):
+    """Static ``(r0, r1)`` row ranges whose intermediates stay near ROW_BYTES."""
+    width = sum(_gather_width(spec, form))
+    per_row = x_shape[0] * depth * out_w * width * 4
+    n = min(out_h, max(1, math.ceil(per_row * out_h / ROW_BYTES)), 16)
+    step = -(-out_h // n)
+    return [(r, min(r + step, out_h)) for r in range(0, out_h, step)]
+
+
+def _forward_gather(spec: ConvSpec, x: jax.Array, weights, form: str) -> jax.Array:
+    """Output-stationary forward ('gather' or 'hybrid'): per output depth slice, GEMMs of gathered input windows."""
+    out_d, out_h, out_w = _out_shape(spec, x.shape)
+    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    mats = [
+        _gather_matrix(spec, weights, cols, members)
+        for _, gemms in _out_groups(spec, form)
+        for cols, members in gemms
+    ]
+    used = sorted({a for p in spec.parts for a in p.depth_taps})
+
+    def block(slabs, depth):
+        chunks = _row_chunks(spec, form, x.shape, depth, out_h, out_w)
+        ys = [_gather_block(spec, form, slabs, mats, acc_dtype, r, out_w) for r in chunks]
+        return (ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=2)).astype(x.dtype)
+
+    if not _streams(spec, x.shape):
+        xp = _pad(x, spec.pads)
+        return block({a: xp[:, a : a + out_d] for a in used}, out_d)
+
+    dl = spec.pads[0][0]
+    plane = ((0, 0),) + tuple(spec.pads[1:])
+
+    def step(y, o):
+        slabs = {a: _pad(_fetch(x, o + a - dl), plane) for a in used}
+        return lax.dynamic_update_slice_in_dim(y, block(slabs, 1), o, axis=1), None
+
+    y0 = jnp.zeros((x.shape[0], out_d, out_h, out_w, spec.out_channels), x.dtype)
+    y, _ = lax.scan(step, y0, jnp.arange(out_d))
+    return y
+
+
 def _gather_groups(spec: ConvSpec):
     """Parts grouped by (input slice, depth taps): one gathered input and one GEMM per group."""
     groups: dict = {}
@@ -278,30 +456,41 @@ def _weight_products(spec: ConvSpec, xs_at, dys: jax.Array, acc_dtype) -> list[j
     ``xs_at(a)`` is the padded input window that depth tap ``a`` reads for the
     output window ``dys``. Rows of a result are (depth tap, cin), columns
     (part, plane tap, cout). The gathered input is built transposed, which
-    the GEMM takes without a copy.
+    the GEMM takes without a copy. The products run over chunks of padded
+    rows (summed) so that each chunk's operands stay in cache.
     """
     kh, kw = spec.extent[1:]
+    # Shifting by (b, c) with zero fill = slicing one array padded by (kh - 1, kw - 1).
+    dyp = _pad(dys, ((0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1)))
+    n, h, w = dys.shape[1], dys.shape[2] + kh - 1, dys.shape[3] + kw - 1
     res = []
     for ((lo, hi), depth_taps), idx in _gather_groups(spec):
-        gt = jnp.concatenate([jnp.moveaxis(xs_at(a)[..., lo:hi], -1, 0) for a in depth_taps], axis=0)
-        # Shifting by (b, c) with zero fill = slicing one array padded by (kh - 1, kw - 1).
-        dyp = _pad(dys, ((0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1)))
-        n, h, w = dys.shape[1], dys.shape[2] + kh - 1, dys.shape[3] + kw - 1
-        pieces = []
-        for i in idx:
-            olo, ohi = spec.parts[i].out_slice
-            pieces += [
-                dyp[:, :n, kh - 1 - b : kh - 1 - b + h, kw - 1 - c : kw - 1 - c + w, olo:ohi]
-                for b, c in spec.parts[i].plane_taps
-            ]
-        dz = jnp.concatenate(pieces, axis=-1) if len(pieces) > 1 else pieces[0]
-        contract = tuple(range(dz.ndim - 1))
-        res.append(
-            lax.dot_general(
+        width = len(depth_taps) * (hi - lo) + sum(
+            len(spec.parts[i].plane_taps) * (spec.parts[i].out_slice[1] - spec.parts[i].out_slice[0]) for i in idx
+        )
+        chunks = min(h, 16, max(1, math.ceil(dys.shape[0] * n * h * w * width * 4 / WGRAD_BYTES)))
+        rows = -(-h // chunks)
+        acc = None
+        for r0 in range(0, h, rows):
+            r1 = min(r0 + rows, h)
+            gt = jnp.concatenate(
+                [jnp.moveaxis(xs_at(a)[:, :, r0:r1, :, lo:hi], -1, 0) for a in depth_taps], axis=0
+            )
+            pieces = []
+            for i in idx:
+                olo, ohi = spec.parts[i].out_slice
+                pieces += [
+                    dyp[:, :n, kh - 1 - b + r0 : kh - 1 - b + r1, kw - 1 - c : kw - 1 - c + w, olo:ohi]
+                    for b, c in spec.parts[i].plane_taps
+                ]
+            dz = jnp.concatenate(pieces, axis=-1) if len(pieces) > 1 else pieces[0]
+            contract = tuple(range(dz.ndim - 1))
+            m = lax.dot_general(
                 gt, dz.astype(gt.dtype), ((tuple(c + 1 for c in contract), contract), ((), ())),
                 precision=spec.precision, preferred_element_type=acc_dtype,
             )
-        )
+            acc = m if acc is None else acc + m
+        res.append(acc)
     return res
 
 
@@ -584,6 +773,9 @@ def all_offsets(extent: Sequence[int]) -> list[tuple[int, ...]]:
 
 __all__ = [
     "CHUNK_BYTES",
+    "FORM",
+    "ROW_BYTES",
+    "WGRAD_BYTES",
     "ConvSpec",
     "TapPart",
     "acs",

@@ -171,3 +171,18 @@ def test_gemm_under_vmap_and_remat():
     fast = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, k, "gemm")
     ref = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, k, "xla")
     chex.assert_trees_all_close(fast, ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("form", ["scatter", "gather", "hybrid"])
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("name", ["3d-pairs", "3d-stride2-odd", "acs-k5"])
+def test_forms_match_xla(name, chunked, form, monkeypatch):
+    """Each GEMM form, over the whole volume and (chunked) streamed over depth slices and row chunks."""
+    monkeypatch.setattr(lowering, "FORM", form)
+    if chunked:
+        for knob in ("CHUNK_BYTES", "ROW_BYTES", "WGRAD_BYTES"):
+            monkeypatch.setattr(lowering, knob, 1)
+    x_shape, k_shape, fn = CASES[name]
+    x, k = _inputs(x_shape, k_shape)
+    assert ("scan" in _primitives(fn, x, k, "gemm")) == chunked
+    _close(_run(fn, x, k, "gemm"), _run(fn, x, k, "xla"), 2e-5)
