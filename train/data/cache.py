@@ -24,12 +24,25 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 FORMAT_VERSION = 1
 _CHUNK = 1 << 20
+
+# np.load parses each header with ast.literal_eval, and CPython 3.11's parser
+# is not thread-safe ("SystemError: AST constructor recursion depth mismatch"
+# when grain's prefetch threads load cases at once): loads take turns.
+_NPY_LOCK = threading.Lock()
+
+
+def load_npy(path, mmap_mode: str | None = None) -> np.ndarray:
+    """``np.load`` of one ``.npy`` file, safe to call from several threads."""
+    with _NPY_LOCK:
+        return np.load(path, mmap_mode=mmap_mode)
+
 
 # Content hashes by (path, size, mtime): a file is hashed once per process.
 _hash_memo: dict[tuple[str, int, int], str] = {}
@@ -90,13 +103,13 @@ class VolumeCache:
         with open(meta_path) as f:
             meta = json.load(f)
         case = {
-            "image": np.load(os.path.join(entry, "image.npy"), mmap_mode="r"),
+            "image": load_npy(os.path.join(entry, "image.npy"), mmap_mode="r"),
             "affine": np.asarray(meta["affine"], np.float64),
             "spacing": np.asarray(meta["spacing"], np.float64),
             "name": meta["name"],
         }
         if meta["labelled"]:
-            case["label"] = np.load(os.path.join(entry, "label.npy"), mmap_mode="r")
+            case["label"] = load_npy(os.path.join(entry, "label.npy"), mmap_mode="r")
         return case
 
     def store(self, key: str, case: Mapping[str, Any]) -> None:

@@ -57,7 +57,7 @@ import time
 import numpy as np
 from scipy import ndimage
 
-from train.data import nifti, render
+from train.data import cache, nifti, render
 
 CLASS_NAMES = ("background", "grey_matter", "white_matter")
 TRAIN_Z_MAX_MM = 12.0
@@ -283,7 +283,7 @@ class MNI152Source:
             return make()
         paths = [self.cache_dir / f"{name}_{part}.npy" for part in ("image", "label")]
         if all(p.exists() for p in paths):
-            return tuple(np.load(p) for p in paths)
+            return tuple(cache.load_npy(p) for p in paths)
         arrays = make()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         for path, array in zip(paths, arrays):
