@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import csv
 import json
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -72,6 +73,7 @@ def _param_count(config) -> int:
 def run_variant(base, init: str, source: str, seed: int, out: Path, model: str | None = None) -> dict:
     """Trains (or reuses) one run; returns its summary, curve and parameter count."""
     from train import trainer
+    from train.init import SLICES_DIR
 
     model = model or base.model
     name = variant_name(init, source, model, base.model)
@@ -82,10 +84,19 @@ def run_variant(base, init: str, source: str, seed: int, out: Path, model: str |
                             model_options=options)
     )
     summary_path = workdir / "summary.json"
+    # Variants of one seed and model start from the same 2D parent: the first
+    # 'slices' run trains it, the others copy it (train.init reuses
+    # WORKDIR/slices2d), so they differ only in how the 2D weights are used.
+    shared = out / f"{SLICES_DIR}-{model}-seed{seed}"
+    own = workdir / SLICES_DIR
+    if source == "slices" and shared.exists() and not own.exists():
+        shutil.copytree(shared, own)
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
     else:
         summary = trainer.train_and_evaluate(config)
+    if source == "slices" and own.exists() and not shared.exists():
+        shutil.copytree(own, shared)
     return {"name": name, "seed": seed, "summary": summary, "curve": _curve(workdir), "params": _param_count(config)}
 
 
