@@ -58,19 +58,20 @@ class Config:
     foreground_fraction: float = 1 / 3
     augment: bool = True
     workers: int = 0
-    steps: int = 1000
-    lr: float = 3e-3
+    steps: int = 1500
+    lr: float = 1e-3
     warmup_steps: int = 50
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     seed: int = 0
     mesh: str = ""
-    eval_every: int = 250
+    eval_every: int = 500
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 50
-    slices_steps: int = 600
-    slices_batch: int = 16
+    slices_steps: int = 3000
+    slices_batch: int = 32
+    slices_lr: float = 3e-3
     eval_overlap: float = 0.5
     max_eval_cases: int = 0
 
@@ -109,6 +110,7 @@ PRESETS: dict[str, Config] = {
         batch=2,
         steps=6,
         lr=1e-2,
+        slices_lr=1e-2,
         warmup_steps=1,
         eval_every=3,
         checkpoint_every=2,
@@ -129,6 +131,7 @@ PRESETS: dict[str, Config] = {
         workers=4,
         steps=5000,
         lr=1e-3,
+        slices_lr=1e-3,
         warmup_steps=200,
         eval_every=500,
         checkpoint_every=250,
@@ -184,6 +187,8 @@ FLAG_HELP: dict[str, str] = {
     "log_every": "Print a progress line and a metrics.csv row every N steps.",
     "slices_steps": "Steps of 2D training on slices for --pretrained=slices.",
     "slices_batch": "Batch size (2D slices) for --pretrained=slices.",
+    "slices_lr": "Peak learning rate of the 2D training on slices (the 3D training after it uses --lr: "
+    "a lower rate keeps more of what the 2D network learned).",
     "eval_overlap": "Sliding-window overlap in evaluation, in [0, 1).",
     "max_eval_cases": "Evaluate on at most N validation cases (0: all).",
     "preset": "Named defaults: demo (default; CPU, minutes), cpu-tiny (tests), gpu (one accelerator).",
@@ -254,8 +259,9 @@ def validate(config: Config) -> Config:
     for name in ("eval_every", "warmup_steps", "workers", "slices_steps", "max_eval_cases"):
         if getattr(config, name) < 0:
             raise ConfigError(name, f"must be non-negative, got {getattr(config, name)}")
-    if not config.lr > 0:
-        raise ConfigError("lr", f"must be positive, got {config.lr}")
+    for name in ("lr", "slices_lr"):
+        if not getattr(config, name) > 0:
+            raise ConfigError(name, f"must be positive, got {getattr(config, name)}")
     if not 0 <= config.foreground_fraction <= 1:
         raise ConfigError("foreground_fraction", f"must be in [0, 1], got {config.foreground_fraction}")
     if not 0 <= config.eval_overlap < 1:

@@ -118,7 +118,7 @@ def train_slices(config: Config, build2d, source, mesh, workdir: Path) -> dict:
     target = (workdir / SLICES_DIR).absolute()
     if target.exists():
         return _restore_2d(target)
-    schedule = trainer.make_schedule(config.lr, config.slices_steps, config.warmup_steps)
+    schedule = trainer.make_schedule(config.slices_lr, config.slices_steps, config.warmup_steps)
     tx = trainer.make_optimizer(schedule, weight_decay=config.weight_decay, grad_clip=config.grad_clip)
     task = trainer.make_task(build2d, tx, schedule, source.num_classes, mesh, config.seed)
     trainer.check_batch_fits(mesh, config.slices_batch, config.patch[1], flag="slices_batch")
