@@ -356,3 +356,22 @@ def test_predict_reproduces_the_runs_validation(tmp_path):
     dice = metrics.dice_per_class(labels, case["label"], len(names))
     want = summary["val_cases"][0]["dice"]
     np.testing.assert_allclose([dice[names.index(n)] for n in want], list(want.values()), atol=1e-9)
+
+
+def test_eval_mirror_applies_to_the_final_validation_only(tmp_path, monkeypatch):
+    """--eval_mirror: intermediate validations stay single-pass, the final one averages 8 mirrored passes."""
+    import train.evaluate
+    from train import config, trainer
+
+    calls = []
+    original = train.evaluate.evaluate
+
+    def recording(*args, **kwargs):
+        calls.append((kwargs["baseline"], kwargs["mirror"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train.evaluate, "evaluate", recording)
+    cfg = config.preset("cpu-tiny", workdir=str(tmp_path), init="scratch", steps=4, eval_every=2, eval_mirror=True)
+    summary = trainer.train_and_evaluate(cfg)
+    assert calls == [(False, False), (True, True)]  # step 2, then the final step 4
+    assert 0 <= summary["val_dice_mean"] <= 1

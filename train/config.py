@@ -73,6 +73,7 @@ class Config:
     slices_batch: int = 32
     slices_lr: float = 3e-3
     eval_overlap: float = 0.5
+    eval_mirror: bool = False
     max_eval_cases: int = 0
 
     @property
@@ -190,6 +191,8 @@ FLAG_HELP: dict[str, str] = {
     "slices_lr": "Peak learning rate of the 2D training on slices (the 3D training after it uses --lr: "
     "a lower rate keeps more of what the 2D network learned).",
     "eval_overlap": "Sliding-window overlap in evaluation, in [0, 1).",
+    "eval_mirror": "Mirror test-time augmentation in the final validation: average the predictions of the "
+    "volume flipped along every spatial axis (8 passes in 3D, so it takes 8x longer than without).",
     "max_eval_cases": "Evaluate on at most N validation cases (0: all).",
     "preset": "Named defaults: demo (default; CPU, minutes), cpu-tiny (tests), gpu (one accelerator).",
 }

@@ -405,7 +405,7 @@ def _run(config: Config) -> dict:
     def validate_state(state, final):
         return evaluate(
             eval_model(task, state), val_src, patch=config.patch, num_classes=num_classes,
-            overlap=config.eval_overlap, baseline=final, keep_predictions=1 if final else 0,
+            overlap=config.eval_overlap, mirror=config.eval_mirror and final, baseline=final, keep_predictions=1 if final else 0,
             max_cases=config.max_eval_cases,
         )
 
