@@ -15,19 +15,21 @@ missing axis (see :func:`acsjax.acs_to_3d`).
 
 Lowerings. Every convolution takes ``impl``: ``'xla'`` is the plain
 ``lax.conv_general_dilated`` (the reference); ``'gemm'`` uses the matrix-product
-lowerings of :mod:`acsjax.lowering` where they apply (stride 1 with groups 1,
-depthwise at any stride, 1x1 kernels) and the reference elsewhere; ``'auto'``
+lowerings of :mod:`acsjax.lowering` where they apply (groups 1 or depthwise,
+any stride) and the reference elsewhere (other feature groups); ``'auto'``
 (the default) picks ``'gemm'`` for 3D and ACS convolutions on CPU, where XLA's
 convolutions are slow, and ``'xla'`` on GPU/TPU, where cuDNN and XLA's own
 emitters are fast, and for 2D convolutions. The default comes from
-:func:`set_conv_impl` or the ``ACSJAX_CONV_IMPL`` environment variable; it is
-read when a function is traced, so set it before ``jax.jit`` compiles.
+:func:`set_conv_impl` (or, for a block of code, :func:`use_conv_impl`) or the
+``ACSJAX_CONV_IMPL`` environment variable; it is read when a function is
+traced, so set it before ``jax.jit`` compiles.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +59,16 @@ def set_conv_impl(impl: str) -> str:
     global _conv_impl
     previous, _conv_impl = _conv_impl, _check_impl(impl)
     return previous
+
+
+@contextlib.contextmanager
+def use_conv_impl(impl: str) -> Iterator[None]:
+    """Makes ``impl`` the default lowering inside a ``with`` block, then restores the previous one."""
+    previous = set_conv_impl(impl)
+    try:
+        yield
+    finally:
+        set_conv_impl(previous)
 
 
 def get_conv_impl() -> str:

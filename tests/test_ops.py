@@ -130,8 +130,8 @@ def test_unsupported_groups_fall_back_to_xla():
 
 
 def test_auto_choice_and_switch():
-    previous = ops.set_conv_impl("xla")
-    try:
+    previous = ops.get_conv_impl()
+    with ops.use_conv_impl("xla"):
         assert ops.get_conv_impl() == "xla"
         assert ops.resolve_impl(None, 3) == "xla"
         assert ops.resolve_impl("gemm", 2) == "gemm"
@@ -146,8 +146,23 @@ def test_auto_choice_and_switch():
             ops.set_conv_impl("fast")
         with pytest.raises(ValueError, match="got 'cudnn'"):
             ops.conv(x, k, impl="cudnn")
-    finally:
-        ops.set_conv_impl(previous)
+    assert ops.get_conv_impl() == previous  # the block's default is undone
+
+
+def test_the_cli_offers_exactly_the_lowerings_ops_knows():
+    from train import config
+
+    assert config.CONV_IMPLS == ops.CONV_IMPLS
+
+
+def test_use_conv_impl_restores_the_default_even_on_error():
+    before = ops.get_conv_impl()
+    other = "gemm" if before != "gemm" else "xla"
+    with pytest.raises(RuntimeError):
+        with ops.use_conv_impl(other):
+            assert ops.get_conv_impl() == other
+            raise RuntimeError
+    assert ops.get_conv_impl() == before
 
 
 def test_env_var_sets_the_default():

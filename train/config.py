@@ -20,6 +20,8 @@ from typing import Any
 INITS = ("scratch", "center", "average", "scale", "acs", "2.5d")
 PRETRAINED = ("slices", "imagenet")
 DTYPES = ("float32", "bfloat16", "float16")
+# acsjax.ops.CONV_IMPLS, spelled out so that flags parse without importing JAX (a test keeps them equal).
+CONV_IMPLS = ("auto", "xla", "gemm")
 # The model dims each --init trains: inflating methods produce full 3D
 # kernels; 'acs' keeps 2D kernels applied on three planes; '2.5d' uses (1, k, k).
 INIT_DIMS = {"scratch": 3, "center": 3, "average": 3, "scale": 3, "acs": "acs", "2.5d": "2.5d"}
@@ -253,8 +255,8 @@ def validate(config: Config) -> Config:
     if config.dtype not in DTYPES:
         raise ConfigError("dtype", f"unknown {config.dtype!r}; choose one of {', '.join(DTYPES)}")
     parse_mesh(config.mesh)
-    if config.conv_impl not in ("", "auto", "xla", "gemm"):
-        raise ConfigError("conv_impl", f"unknown {config.conv_impl!r}; choose one of auto, xla, gemm")
+    if config.conv_impl and config.conv_impl not in CONV_IMPLS:
+        raise ConfigError("conv_impl", f"unknown {config.conv_impl!r}; choose one of {', '.join(CONV_IMPLS)}")
     positive = ("steps", "batch", "log_every", "checkpoint_every", "keep_checkpoints", "slices_batch")
     for name in positive:
         if getattr(config, name) < 1:

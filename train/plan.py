@@ -90,12 +90,8 @@ def step_memory(config, volume, devices: int, *, in_channels: int = 1, num_class
     start = time.perf_counter()
     # Plan the program an accelerator runs: XLA's own convolutions (cuDNN on
     # GPU), not the CPU-only GEMM lowering that 'auto' picks on this backend.
-    previous = acsjax.ops.set_conv_impl("xla")
-    try:
-        with jax.set_mesh(mesh):
-            compiled = trainer.make_step(task).lower(task.abstract_state, batch_spec).compile()
-    finally:
-        acsjax.ops.set_conv_impl(previous)
+    with acsjax.ops.use_conv_impl("xla"), jax.set_mesh(mesh):
+        compiled = trainer.make_step(task).lower(task.abstract_state, batch_spec).compile()
     stats = compiled.memory_analysis()
     return StepMemory(
         devices=devices,

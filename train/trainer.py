@@ -357,13 +357,9 @@ def train_and_evaluate(config: Config) -> dict:
         impl = "xla"
     if not impl:
         return _run(config)
-    # The lowering is read when a step is traced: set it before anything
-    # compiles, and give the process its previous default back afterwards.
-    previous = acsjax.ops.set_conv_impl(impl)
-    try:
+    # The lowering is read when a step is traced: set it before anything compiles.
+    with acsjax.ops.use_conv_impl(impl):
         return _run(config)
-    finally:
-        acsjax.ops.set_conv_impl(previous)
 
 
 def _run(config: Config) -> dict:
