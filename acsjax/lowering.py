@@ -219,17 +219,7 @@ def _collect(spec: ConvSpec, zs, depth_of, size) -> jax.Array:
                 key = spec.parts[i].out_slice
                 sums[key] = piece if key not in sums else sums[key] + piece
             col += width
-    # Channels no part writes (a stride phase no tap reads, in an input gradient) stay zero.
-    pieces, start = [], 0
-    for key in sorted({p.out_slice for p in spec.parts}) + [(spec.out_channels, spec.out_channels)]:
-        if key[0] > start:
-            pieces.append(jnp.zeros(zs[0].shape[:1] + (n, h, w, key[0] - start), zs[0].dtype))
-        if key in sums:
-            pieces.append(sums[key])
-        elif key[1] > key[0]:
-            pieces.append(jnp.zeros(zs[0].shape[:1] + (n, h, w, key[1] - key[0]), zs[0].dtype))
-        start = max(start, key[1])
-    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=-1)
+    return _assemble(spec, sums, zs[0].shape[:1] + (n, h, w), zs[0].dtype)
 
 
 def _out_shape(spec: ConvSpec, x_shape) -> tuple[int, int, int]:
@@ -358,7 +348,7 @@ def _choose_form(spec: ConvSpec) -> str:
 def _gather_block(spec: ConvSpec, form, slabs, mats, acc_dtype, rows, out_w) -> jax.Array:
     """Output rows ``[r0, r1)`` of every output channel from the padded input ``slabs[a]`` (depth tap a)."""
     r0, r1 = rows
-    outs, mi = [], 0
+    outs, mi = {}, 0
     for (olo, ohi), gemms in _out_groups(spec, form):
         acc = None
         for cols, members in gemms:
@@ -383,31 +373,38 @@ def _gather_block(spec: ConvSpec, form, slabs, mats, acc_dtype, rows, out_w) -> 
                 terms = [z[:, :, :, c : c + out_w, j * co : (j + 1) * co] for j, c in enumerate(cols)]
             for t in terms:
                 acc = t if acc is None else acc + t
-        outs.append(((olo, ohi), acc))
-    return _assemble(spec, outs, acc_dtype)
+        outs[(olo, ohi)] = acc
+    return _assemble(spec, outs, acc.shape[:-1], acc_dtype)
 
 
-def _assemble(spec: ConvSpec, outs, dtype) -> jax.Array:
-    """Concatenates per-output-slice sums along channels, zeros where no part writes."""
-    like = outs[0][1]
+def _assemble(spec: ConvSpec, sums: dict, lead_shape, dtype) -> jax.Array:
+    """Concatenates per-output-slice sums ``{out_slice: array}`` along channels.
+
+    Channels no part writes stay zero (in an input gradient, a stride phase
+    that no tap reads); ``lead_shape`` is the shape before the channel axis.
+    """
     pieces, start = [], 0
-    for (lo, hi), v in sorted(outs, key=lambda o: o[0]):
+    for (lo, hi), v in sorted(sums.items()):
         if lo > start:
-            pieces.append(jnp.zeros(like.shape[:-1] + (lo - start,), dtype))
+            pieces.append(jnp.zeros(tuple(lead_shape) + (lo - start,), dtype))
         pieces.append(v)
         start = hi
     if start < spec.out_channels:
-        pieces.append(jnp.zeros(like.shape[:-1] + (spec.out_channels - start,), dtype))
+        pieces.append(jnp.zeros(tuple(lead_shape) + (spec.out_channels - start,), dtype))
     return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=-1)
 
 
+def _chunk_ranges(size: int, total_bytes: int, limit: int) -> list[tuple[int, int]]:
+    """Static ``(r0, r1)`` ranges splitting ``size`` rows so that each chunk holds about ``limit`` bytes (<= 16 chunks)."""
+    n = min(size, 16, max(1, math.ceil(total_bytes / limit)))
+    step = -(-size // n)
+    return [(r, min(r + step, size)) for r in range(0, size, step)]
+
+
 def _row_chunks(spec: ConvSpec, form, x_shape, depth: int, out_h: int, out_w: int):
-    """Static ``(r0, r1)`` row ranges whose intermediates stay near ROW_BYTES."""
+    """Row ranges of the output-stationary forms whose intermediates stay near ROW_BYTES."""
     width = sum(_gather_width(spec, form))
-    per_row = x_shape[0] * depth * out_w * width * 4
-    n = min(out_h, max(1, math.ceil(per_row * out_h / ROW_BYTES)), 16)
-    step = -(-out_h // n)
-    return [(r, min(r + step, out_h)) for r in range(0, out_h, step)]
+    return _chunk_ranges(out_h, x_shape[0] * depth * out_h * out_w * width * 4, ROW_BYTES)
 
 
 def _forward_gather(spec: ConvSpec, x: jax.Array, weights, form: str) -> jax.Array:
@@ -468,11 +465,8 @@ def _weight_products(spec: ConvSpec, xs_at, dys: jax.Array, acc_dtype) -> list[j
         width = len(depth_taps) * (hi - lo) + sum(
             len(spec.parts[i].plane_taps) * (spec.parts[i].out_slice[1] - spec.parts[i].out_slice[0]) for i in idx
         )
-        chunks = min(h, 16, max(1, math.ceil(dys.shape[0] * n * h * w * width * 4 / WGRAD_BYTES)))
-        rows = -(-h // chunks)
         acc = None
-        for r0 in range(0, h, rows):
-            r1 = min(r0 + rows, h)
+        for r0, r1 in _chunk_ranges(h, dys.shape[0] * n * h * w * width * 4, WGRAD_BYTES):
             gt = jnp.concatenate(
                 [jnp.moveaxis(xs_at(a)[:, :, r0:r1, :, lo:hi], -1, 0) for a in depth_taps], axis=0
             )
