@@ -33,3 +33,12 @@ def test_table_means_over_seeds_and_steps_to_threshold(tmp_path):
     assert "threshold Dice on the same validation cases: 0.500" in text
     compare.plot(results, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_base_config_keeps_the_preset_unless_overridden_and_never_mirrors():
+    base = compare.base_config("demo")
+    assert base.class_weights == "balanced" and base.steps == 1500
+    assert base.eval_every == base.checkpoint_every == 375
+    assert not base.eval_mirror  # the demo mirrors its final validation; curves must not
+    base = compare.base_config("demo", steps=400, class_weights="none", eval_every=100, model="resnet18_unet")
+    assert (base.steps, base.class_weights, base.eval_every, base.model) == (400, "none", 100, "resnet18_unet")

@@ -37,6 +37,58 @@ def test_cross_entropy_is_mean_negative_log_likelihood():
     chex.assert_trees_all_close(got, -(np.log(0.75) + np.log(0.5)) / 2, rtol=1e-6)
 
 
+def test_weighted_cross_entropy_weights_each_voxel_by_its_class():
+    logits = jnp.log(jnp.array([[[0.25, 0.75], [0.5, 0.5]]]))
+    labels = jnp.array([[1, 0]])
+    got = losses.cross_entropy(logits, labels, class_weights=(2.0, 0.5))
+    # The mean is over voxels, not over the weights.
+    chex.assert_trees_all_close(got, -(0.5 * np.log(0.75) + 2.0 * np.log(0.5)) / 2, rtol=1e-6)
+    chex.assert_trees_all_close(losses.cross_entropy(logits, labels, (1.0, 1.0)), losses.cross_entropy(logits, labels))
+
+
+def test_balanced_weights_make_the_expected_weight_one_and_the_prior_uniform():
+    counts = np.array([600, 300, 100, 0])
+    weights = np.array(losses.balanced_class_weights(counts))
+    present = counts > 0
+    freq = counts / counts.sum()
+    # Each present class carries the same total weight, 1/K of the whole.
+    np.testing.assert_allclose(freq[present] * weights[present], 1 / 3)
+    np.testing.assert_allclose(np.sum(freq * weights), 1.0)
+    assert weights[3] == 1.0  # absent class: neutral
+    with pytest.raises(ValueError, match="not all zero"):
+        losses.balanced_class_weights([0, 0])
+
+
+def test_balanced_weights_move_the_optimum_to_the_uniform_prior_posterior():
+    # One ambiguous input seen as class 0 three times and class 1 once: the
+    # unweighted optimum predicts p1 = 1/4; balanced weights (the training
+    # proportions 3:1) move it to 1/2, the posterior under a uniform prior.
+    labels = jnp.array([[0, 0, 0, 1]])
+    weights = losses.balanced_class_weights([3, 1])
+
+    def optimum(class_weights):
+        grid = jnp.linspace(0.01, 0.99, 99)
+        loss = jax.vmap(lambda p: losses.cross_entropy(jnp.log(jnp.array([1 - p, p]))[None, None].repeat(4, 1), labels, class_weights))(grid)
+        return float(grid[jnp.argmin(loss)])
+
+    assert optimum(None) == pytest.approx(0.25, abs=0.006)
+    assert optimum(weights) == pytest.approx(0.5, abs=0.006)
+
+
+def test_segmentation_loss_passes_class_weights_to_every_head():
+    labels = _labels((1, 8, 8, 8))
+    logits = jax.random.normal(jax.random.key(0), (1, 8, 8, 8, 3))
+    aux = jax.random.normal(jax.random.key(1), (1, 4, 4, 4, 3))
+    weights = (0.5, 1.0, 3.0)
+    got, _ = losses.segmentation_loss((logits, aux), labels, 3, weights)
+    w = losses.deep_supervision_weights(2)
+    main, _ = losses.dice_ce_loss(logits, labels, 3, weights)
+    coarse, _ = losses.dice_ce_loss(aux, losses.downsample_labels(labels, (4, 4, 4)), 3, weights)
+    chex.assert_trees_all_close(got, w[0] * main + w[1] * coarse, rtol=1e-6)
+    unweighted, _ = losses.segmentation_loss((logits, aux), labels, 3)
+    assert abs(float(got) - float(unweighted)) > 1e-3
+
+
 def test_downsample_labels_takes_every_fth_voxel():
     labels = _labels((1, 8, 8, 8))
     small = losses.downsample_labels(labels, (4, 2, 8))

@@ -71,6 +71,8 @@ def test_cli_bad_flag_exits_with_one_line(argv, flag, tmp_path):
         (["--patch=1,2"], "patch"),
         (["--lr=-1"], "lr"),
         (["--model_option=widths"], "model_option"),
+        (["--class_weights=heavy"], "class_weights"),
+        (["--class_weights=1,-2,1"], "class_weights"),
     ],
 )
 def test_bad_config_names_the_flag(argv, flag, tmp_path):
@@ -89,6 +91,7 @@ def test_bad_config_names_the_flag(argv, flag, tmp_path):
         (["--model_option=depth=3"], "model_option", "no option"),
         (["--dataset=msd:no/such/dir"], "dataset", ""),
         (["--remat=bogus"], "remat", ""),
+        (["--class_weights=1,2"], "class_weights", "2 weights for 4 classes"),
     ],
 )
 def test_bad_setup_names_the_flag(argv, flag, match, tmp_path):
@@ -116,10 +119,13 @@ def test_pretrained_that_does_not_fit_names_the_flag(tmp_path):
 def test_slices_pretraining_then_reuse_as_a_2d_checkpoint(tmp_path):
     """--init=scale: 2D twin on slices -> inflate -> 3D; then --init=acs from that Orbax 2D checkpoint."""
     first = tmp_path / "scale"
-    proc = _cli("--preset=cpu-tiny", "--init=scale", f"--workdir={first}", "--steps=2", "--eval_every=0")
+    proc = _cli("--preset=cpu-tiny", "--init=scale", f"--workdir={first}", "--steps=2", "--eval_every=0",
+                "--class_weights=balanced")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "slices step" in proc.stdout and "train step" in proc.stdout
     summary = report.read_summary(str(first))
+    weights = summary["class_weights"]  # counted on the synthetic training labels
+    assert len(weights) == 4 and min(weights) > 0 and weights[0] < min(weights[1:])
     for key in report.REQUIRED:
         assert key in summary, key
     assert summary["init"] == "scale" and summary["pretrained"] == "slices" and summary["steps"] == 2

@@ -250,6 +250,8 @@ def test_command_prints_baselines_and_writes_montage(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "train: 2 cases" in text and "validation: 2 cases" in text
     assert "threshold baseline, raw template at 2 mm: mean foreground Dice 0.96" in text
+    # The slabs' tissue proportions differ (why the demo balances its class weights).
+    assert "(grey/white 2.64)" in text and "(grey/white 1.20)" in text
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

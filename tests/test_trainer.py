@@ -136,3 +136,60 @@ def test_weight_decay_skips_biases_and_norm_scales():
 
 def test_maybe_initialize_distributed_ignores_a_plain_environment():
     assert trainer.maybe_initialize_distributed({}) is False
+
+
+class _LabelSource:
+    """A stand-in source: case i is a label volume with i + 1 voxels of class 2."""
+
+    num_classes = 3
+
+    def __init__(self, n):
+        self.n = n
+        self.read = []
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        self.read.append(i)
+        label = np.zeros(10, np.int32)
+        label[: i + 1] = 2
+        label[-1] = 1
+        return {"label": label}
+
+
+def test_class_weights_of_counts_the_training_labels():
+    config = trainer.Config(class_weights="balanced")
+    counts = np.array([sum(8 - i for i in range(4)), 4, sum(i + 1 for i in range(4))])
+    want = np.array([counts.sum() / (3 * c) for c in counts])
+    np.testing.assert_allclose(trainer.class_weights_of(config, _LabelSource(4)), want)
+    assert trainer.class_weights_of(trainer.Config(class_weights="none"), _LabelSource(4)) is None
+    assert trainer.class_weights_of(trainer.Config(class_weights="1,2,3"), _LabelSource(4)) == (1.0, 2.0, 3.0)
+
+
+def test_class_weights_of_reads_an_even_sample_of_a_large_dataset():
+    source = _LabelSource(1000)
+    trainer.class_weights_of(trainer.Config(class_weights="balanced"), source)
+    assert len(source.read) == trainer.MAX_CASES_FOR_CLASS_WEIGHTS
+    assert source.read[0] == 0 and source.read[-1] == 999
+
+
+def test_task_class_weights_reach_the_loss():
+    import optax
+    from acsjax.models import build_model
+
+    def build(rngs):
+        return build_model("unet", dims=3, in_channels=1, num_classes=3, rngs=rngs, widths=(4, 8))
+
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(1, 8, 8, 8, 1)).astype("f4"), "label": rng.integers(0, 3, (1, 8, 8, 8)).astype("i4")}
+    mesh = trainer.make_mesh("", jax.devices()[:1])
+    schedule = optax.constant_schedule(0.0)
+    ce = {}
+    for weights in (None, (1.0, 1.0, 10.0)):
+        task = trainer.make_task(build, optax.sgd(schedule), schedule, 3, mesh, seed=0, class_weights=weights)
+        _, metrics = trainer.train_step(task, task.init(), batch)
+        ce[weights] = float(metrics["ce"])
+    assert ce[(1.0, 1.0, 10.0)] > 2 * ce[None]
+    with pytest.raises(ValueError, match="2 entries for 3 classes"):
+        trainer.make_task(build, optax.sgd(schedule), schedule, 3, mesh, class_weights=(1.0, 1.0))

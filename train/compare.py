@@ -156,6 +156,19 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def base_config(preset: str, *, steps: int = 0, model: str = "", class_weights: str = "", eval_every: int = 0):
+    """The config every variant starts from: ``preset`` with the command's overrides (0 / '' keep the preset's).
+
+    Validation runs every ``eval_every`` steps (default a quarter of the run),
+    a checkpoint with it, and never with mirror test-time augmentation, so
+    every point of a learning curve is measured the same way.
+    """
+    overrides = {"steps": steps, "model": model, "class_weights": class_weights}
+    base = config_lib.preset(preset, **{k: v for k, v in overrides.items() if v})
+    every = eval_every or max(base.steps // 4, 1)
+    return dataclasses.replace(base, eval_every=every, checkpoint_every=every, eval_mirror=False)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--inits", default="scratch,center,average,scale,acs,2.5d")
@@ -165,6 +178,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=0, help="3D steps per run (default: the preset's)")
     parser.add_argument("--eval_every", type=int, default=0, help="validation interval (default: steps / 4)")
     parser.add_argument("--model", default="", help="model name (default: the preset's)")
+    parser.add_argument("--class_weights", default="", help="cross-entropy class weights (default: the preset's)")
     parser.add_argument("--threshold", type=float, default=0.8)
     parser.add_argument("--out", default="runs/compare")
     args = parser.parse_args(argv)
@@ -172,14 +186,8 @@ def main(argv=None) -> int:
     sources = [s for s in args.pretrained.split(",") if s]
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
-        overrides = {}
-        if args.steps:
-            overrides["steps"] = args.steps
-        if args.model:
-            overrides["model"] = args.model
-        base = config_lib.preset(args.preset, **overrides)
-        every = args.eval_every or max(base.steps // 4, 1)
-        base = dataclasses.replace(base, eval_every=every, checkpoint_every=every)
+        base = base_config(args.preset, steps=args.steps, model=args.model, class_weights=args.class_weights,
+                           eval_every=args.eval_every)
         for init in inits:
             config_lib.validate(dataclasses.replace(base, init=init))
         for source in sources:

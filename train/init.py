@@ -120,7 +120,8 @@ def train_slices(config: Config, build2d, source, mesh, workdir: Path) -> dict:
         return _restore_2d(target)
     schedule = trainer.make_schedule(config.slices_lr, config.slices_steps, config.warmup_steps)
     tx = trainer.make_optimizer(schedule, weight_decay=config.weight_decay, grad_clip=config.grad_clip)
-    task = trainer.make_task(build2d, tx, schedule, source.num_classes, mesh, config.seed)
+    class_weights = trainer.class_weights_of(config, source)
+    task = trainer.make_task(build2d, tx, schedule, source.num_classes, mesh, config.seed, class_weights)
     trainer.check_batch_fits(mesh, config.slices_batch, config.patch[1], flag="slices_batch")
     state = task.init()
     ds = pipeline.slice_dataset(

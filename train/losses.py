@@ -39,20 +39,47 @@ def soft_dice_loss(
     return 1.0 - jnp.mean(dice[1:])
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean voxel-wise softmax cross-entropy."""
+def cross_entropy(logits: jax.Array, labels: jax.Array, class_weights: Sequence[float] | None = None) -> jax.Array:
+    """Mean voxel-wise softmax cross-entropy, each voxel weighted by its true class's weight.
+
+    The mean is over voxels (not over the weights, as PyTorch's weighted
+    mean is), so the loss of a batch does not depend on which classes it
+    happens to hold; :func:`balanced_class_weights` keeps its scale at 1.
+    """
     # A one-hot product rather than optax's integer-label gather: the gather's
     # gradient is a scatter-add over the whole volume, which XLA tries to
     # constant-fold for seconds at 256^3 (and far longer for larger volumes).
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    if class_weights is not None:
+        onehot = onehot * jnp.asarray(class_weights, jnp.float32)
     return -jnp.mean(jnp.sum(onehot * log_probs, axis=-1))
 
 
-def dice_ce_loss(logits: jax.Array, labels: jax.Array, num_classes: int) -> tuple[jax.Array, dict]:
-    """Soft Dice + cross-entropy with equal weights; returns (loss, parts)."""
+def balanced_class_weights(counts: Sequence[float]) -> tuple[float, ...]:
+    """Cross-entropy weights ``1 / (K f_c)`` from voxel counts per class (``f_c``: frequency).
+
+    Weighted so, a network's softmax estimates the posterior under a uniform
+    class prior instead of the training labels' proportions, which matters
+    when those proportions differ from the data it is applied to (the demo
+    trains on the lower brain, mostly grey matter, and is validated on the
+    upper brain, nearly half white matter). The expected weight of a training
+    voxel is 1, so the loss keeps its scale. Classes absent from ``counts``
+    (count 0) get weight 1 and are left out of ``K``.
+    """
+    counts = [float(c) for c in counts]
+    if any(c < 0 for c in counts) or not any(counts):
+        raise ValueError(f"class counts must be non-negative and not all zero, got {counts}")
+    total, present = sum(counts), sum(c > 0 for c in counts)
+    return tuple(total / (present * c) if c > 0 else 1.0 for c in counts)
+
+
+def dice_ce_loss(
+    logits: jax.Array, labels: jax.Array, num_classes: int, class_weights: Sequence[float] | None = None
+) -> tuple[jax.Array, dict]:
+    """Soft Dice + (optionally class-weighted) cross-entropy with equal weights; returns (loss, parts)."""
     dice = soft_dice_loss(logits, labels, num_classes)
-    ce = cross_entropy(logits, labels)
+    ce = cross_entropy(logits, labels, class_weights)
     return dice + ce, {"dice_loss": dice, "ce": ce}
 
 
@@ -80,8 +107,12 @@ def deep_supervision_weights(n: int) -> jnp.ndarray:
     return w / jnp.sum(w)
 
 
-def segmentation_loss(outputs, labels: jax.Array, num_classes: int) -> tuple[jax.Array, dict]:
+def segmentation_loss(
+    outputs, labels: jax.Array, num_classes: int, class_weights: Sequence[float] | None = None
+) -> tuple[jax.Array, dict]:
     """Dice + CE of a model's output: one logits array or ``(main, *aux)``.
+
+    ``class_weights`` (one per class, or None) weight the cross-entropy.
 
     Auxiliary heads (coarser resolutions, as the model returns with deep
     supervision in train mode) are scored against labels downsampled to their
@@ -89,13 +120,13 @@ def segmentation_loss(outputs, labels: jax.Array, num_classes: int) -> tuple[jax
     parts always describe the main head alone.
     """
     heads = tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
-    total, parts = dice_ce_loss(heads[0], labels, num_classes)
+    total, parts = dice_ce_loss(heads[0], labels, num_classes, class_weights)
     if len(heads) == 1:
         return total, parts
     weights = deep_supervision_weights(len(heads))
     total = weights[0] * total
     for weight, head in zip(weights[1:], heads[1:]):
-        loss, _ = dice_ce_loss(head, downsample_labels(labels, head.shape[1:-1]), num_classes)
+        loss, _ = dice_ce_loss(head, downsample_labels(labels, head.shape[1:-1]), num_classes, class_weights)
         total = total + weight * loss
     return total, parts
 

@@ -22,7 +22,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,7 @@ import acsjax.ops
 
 from train import losses
 from train.checkpoint import Checkpoints
-from train.config import Config, ConfigError, parse_mesh, validate, write_run_config
+from train.config import Config, ConfigError, parse_class_weights, parse_mesh, validate, write_run_config
 
 AXES = ("data", "space")
 
@@ -137,14 +137,20 @@ class Task:
     mesh: Any
     abstract_state: Any  # ShapeDtypeStructs carrying their shardings
     init: Callable[[], dict]  # builds the initial state, sharded
+    class_weights: tuple[float, ...] | None = None  # cross-entropy weight per class
 
 
 def _split(model):
     return nnx.split(model, nnx.Param, ...)
 
 
-def make_task(model_fn: Callable[[nnx.Rngs], nnx.Module], tx, schedule, num_classes: int, mesh, seed: int = 0) -> Task:
+def make_task(
+    model_fn: Callable[[nnx.Rngs], nnx.Module], tx, schedule, num_classes: int, mesh, seed: int = 0,
+    class_weights: Sequence[float] | None = None,
+) -> Task:
     """The Task of a model: its abstract state from ``jax.eval_shape`` (no memory used).
+
+    ``class_weights`` (one float per class, or None) weight the loss's cross-entropy.
 
     ``task.init()`` then builds the initial state with
     ``jax.jit(init, out_shardings=...)``, directly in its sharded layout.
@@ -173,7 +179,10 @@ def make_task(model_fn: Callable[[nnx.Rngs], nnx.Module], tx, schedule, num_clas
         with jax.set_mesh(mesh):
             return jax.jit(init, out_shardings=shardings)(key)
 
-    return Task(graphdefs["train"], graphdefs["eval"], tx, schedule, num_classes, mesh, abstract, create)
+    weights = None if class_weights is None else tuple(float(w) for w in class_weights)
+    if weights is not None and len(weights) != num_classes:
+        raise ValueError(f"class_weights has {len(weights)} entries for {num_classes} classes")
+    return Task(graphdefs["train"], graphdefs["eval"], tx, schedule, num_classes, mesh, abstract, create, weights)
 
 
 def train_step(task: Task, state: dict, batch: dict) -> tuple[dict, dict]:
@@ -183,7 +192,7 @@ def train_step(task: Task, state: dict, batch: dict) -> tuple[dict, dict]:
         # Fresh variables made inside this trace: BatchNorm may update them here.
         model = nnx.merge(task.graphdef, params, jax.tree.map(lambda x: x, model_state))
         outputs = model(batch["image"])
-        loss, parts = losses.segmentation_loss(outputs, batch["label"], task.num_classes)
+        loss, parts = losses.segmentation_loss(outputs, batch["label"], task.num_classes, task.class_weights)
         main = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
         return loss, (parts, _split(model)[2], main)
 
@@ -340,6 +349,33 @@ def open_source(config: Config, split: str):
         raise ConfigError("dataset", str(err).strip().splitlines()[0]) from None
 
 
+MAX_CASES_FOR_CLASS_WEIGHTS = 64
+
+
+def class_weights_of(config: Config, source) -> tuple[float, ...] | None:
+    """The cross-entropy weights ``--class_weights`` asks for, for ``source``'s classes.
+
+    'balanced' counts label voxels in the training cases (at most
+    ``MAX_CASES_FOR_CLASS_WEIGHTS``, evenly spaced, so a large dataset does
+    not delay the start by a full pass) and returns
+    :func:`train.losses.balanced_class_weights`.
+    """
+    weights = parse_class_weights(config.class_weights)
+    if weights is None or isinstance(weights, tuple):
+        if weights is not None and len(weights) != source.num_classes:
+            raise ConfigError("class_weights", f"got {len(weights)} weights for {source.num_classes} classes")
+        return weights
+    picks = np.unique(np.linspace(0, len(source) - 1, min(len(source), MAX_CASES_FOR_CLASS_WEIGHTS)).round().astype(int))
+    counts = np.zeros(source.num_classes, np.int64)
+    for index in picks:
+        label = np.asarray(source[int(index)]["label"])
+        counts += np.bincount(label.ravel(), minlength=source.num_classes)[: source.num_classes]
+    try:
+        return losses.balanced_class_weights(counts)
+    except ValueError as err:
+        raise ConfigError("class_weights", str(err)) from None
+
+
 def train_and_evaluate(config: Config) -> dict:
     """Trains and validates the run ``config`` describes and returns its summary.
 
@@ -380,7 +416,8 @@ def _run(config: Config) -> dict:
     init_lib.check_model(build, config.patch)
     schedule = make_schedule(config.lr, config.steps, config.warmup_steps)
     tx = make_optimizer(schedule, weight_decay=config.weight_decay, grad_clip=config.grad_clip)
-    task = make_task(build, tx, schedule, num_classes, mesh, config.seed)
+    class_weights = class_weights_of(config, train_src)
+    task = make_task(build, tx, schedule, num_classes, mesh, config.seed, class_weights)
     if jax.process_index() == 0:
         write_run_config(workdir / "config.json", config, train_src)
 
@@ -427,6 +464,7 @@ def _run(config: Config) -> dict:
         wall_s=round(time.time() - started, 1), model=config.model, dims=config.dims, dataset=config.dataset,
         patch=list(config.patch), batch=config.batch, devices=jax.device_count(), processes=jax.process_count(),
         mesh=dict(mesh.shape), resumed_from=start or None, best_step=checkpoints.best_step(),
+        class_weights=list(class_weights) if class_weights is not None else None,
     )
     if jax.process_index() == 0:
         report.write_summary(str(workdir), summary)

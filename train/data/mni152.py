@@ -339,7 +339,10 @@ def main(argv=None) -> None:
     tpl = load_template(args.spacing)
     print(f"template at {args.spacing:g} mm: {tpl.t1.shape} (D, H, W)")
     for src in (train, val):
-        print(f"{src.split}: {len(src)} cases, shape {src[len(src) - 1]['image'].shape}")
+        counts = np.bincount(tpl.label[tpl.region(src.split)].ravel(), minlength=3)
+        shares = ", ".join(f"{n} {c / counts.sum():.3f}" for n, c in zip(CLASS_NAMES, counts))
+        print(f"{src.split}: {len(src)} cases, shape {src[len(src) - 1]['image'].shape}; "
+              f"label shares of its slab {shares} (grey/white {counts[1] / counts[2]:.2f})")
 
     start = time.perf_counter()
     n_timed = min(3, len(train))
