@@ -87,11 +87,14 @@ def _restore_2d(path: Path) -> dict:
         raise ConfigError("pretrained", f"{path}: not a readable Orbax checkpoint ({type(err).__name__})") from None
 
 
-def load_2d(config: Config, build2d, source, mesh, workdir: Path) -> dict:
-    """The 2D twin's whole state (params and statistics) as nested dicts of arrays."""
+def load_2d(config: Config, build2d, source, mesh, workdir: Path, class_weights=None) -> dict:
+    """The 2D twin's whole state (params and statistics) as nested dicts of arrays.
+
+    ``class_weights`` weight the cross-entropy when the twin is trained on slices.
+    """
     src = config.pretrained_source
     if src == "slices":
-        return train_slices(config, build2d, source, mesh, workdir)
+        return train_slices(config, build2d, source, mesh, workdir, class_weights)
     model = build2d(nnx.Rngs(config.seed))
     from acsjax import pretrained  # only these sources need the importers
 
@@ -107,11 +110,12 @@ def load_2d(config: Config, build2d, source, mesh, workdir: Path) -> dict:
     return nnx.state(model).to_pure_dict()
 
 
-def train_slices(config: Config, build2d, source, mesh, workdir: Path) -> dict:
+def train_slices(config: Config, build2d, source, mesh, workdir: Path, class_weights=None) -> dict:
     """Trains the 2D twin on axial slices for ``config.slices_steps`` steps, or reuses WORKDIR/slices2d.
 
     Slices are ``patch[1:]`` in-plane patches of the training volumes, so the
-    2D model sees the planes and scale the 3D model will.
+    2D model sees the planes and scale the 3D model will. ``class_weights``
+    (one per class, or None) weight the cross-entropy.
     """
     from train.data import pipeline
 
@@ -120,7 +124,6 @@ def train_slices(config: Config, build2d, source, mesh, workdir: Path) -> dict:
         return _restore_2d(target)
     schedule = trainer.make_schedule(config.slices_lr, config.slices_steps, config.warmup_steps)
     tx = trainer.make_optimizer(schedule, weight_decay=config.weight_decay, grad_clip=config.grad_clip)
-    class_weights = trainer.class_weights_of(config, source)
     task = trainer.make_task(build2d, tx, schedule, source.num_classes, mesh, config.seed, class_weights)
     trainer.check_batch_fits(mesh, config.slices_batch, config.patch[1], flag="slices_batch")
     state = task.init()
@@ -167,7 +170,8 @@ def initialize(config: Config, task, state: dict, source, workdir: Path) -> dict
     if config.init == "scratch":
         return state
     build2d = model_fn(config, in_channels=source.num_channels, num_classes=source.num_classes, dims=2)
-    flat = inflate_2d(config, load_2d(config, build2d, source, task.mesh, workdir))
+    # The 2D twin trains with the 3D task's class weights (same classes, same training labels).
+    flat = inflate_2d(config, load_2d(config, build2d, source, task.mesh, workdir, task.class_weights))
     target = {"params": task.abstract_state["params"], "model_state": task.abstract_state["model_state"]}
     wanted = {**flatten(target["params"]), **flatten(target["model_state"])}
     try:

@@ -361,8 +361,10 @@ def class_weights_of(config: Config, source) -> tuple[float, ...] | None:
     :func:`train.losses.balanced_class_weights`.
     """
     weights = parse_class_weights(config.class_weights)
-    if weights is None or isinstance(weights, tuple):
-        if weights is not None and len(weights) != source.num_classes:
+    if weights is None:
+        return None
+    if weights != "balanced":
+        if len(weights) != source.num_classes:
             raise ConfigError("class_weights", f"got {len(weights)} weights for {source.num_classes} classes")
         return weights
     picks = np.unique(np.linspace(0, len(source) - 1, min(len(source), MAX_CASES_FOR_CLASS_WEIGHTS)).round().astype(int))
