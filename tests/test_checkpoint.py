@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train import trainer
+from train import run, trainer
 from train.checkpoint import CheckpointError, CheckpointFallbackWarning, Checkpoints, load_arrays
 from train.config import preset
 
@@ -142,7 +142,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     monkeypatch.setattr(trainer, "train_step", poisoned)
     config = preset("cpu-tiny", init="scratch", workdir=str(tmp_path), steps=6, checkpoint_every=2, eval_every=0)
     with pytest.raises(trainer.NonFiniteLoss, match=r"at step 4.*Last good checkpoint: step 2"):
-        trainer.train_and_evaluate(config)
+        run.train_and_evaluate(config)
     step, tree = load_arrays(tmp_path / "checkpoints")
     assert step == 2
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree["params"]))

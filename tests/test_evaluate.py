@@ -337,12 +337,12 @@ def test_predict_errors_name_the_file(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_predict_reproduces_the_runs_validation(tmp_path):
     """Train the cpu-tiny preset, then segment its validation case from a NIfTI file: same Dice as summary.json."""
-    from train import config, metrics, trainer
+    from train import config, metrics, run, trainer
 
     cfg = config.preset("cpu-tiny", workdir=str(tmp_path / "run"), init="scratch")
-    summary = trainer.train_and_evaluate(cfg)
+    summary = run.train_and_evaluate(cfg)
     assert (tmp_path / "run" / report.FIGURE).exists()
-    case = trainer.open_source(cfg, "val")[0]
+    case = run.open_source(cfg, "val")[0]
     # An in-memory (d, h, w) = (z, y, x) affine of the case's spacing.
     affine = np.zeros((4, 4))
     affine[2, 0], affine[1, 1], affine[0, 2] = case["spacing"]
@@ -361,7 +361,7 @@ def test_predict_reproduces_the_runs_validation(tmp_path):
 def test_eval_mirror_applies_to_the_final_validation_only(tmp_path, monkeypatch):
     """--eval_mirror: intermediate validations stay single-pass, the final one averages 8 mirrored passes."""
     import train.evaluate
-    from train import config, trainer
+    from train import config, run, trainer
 
     calls = []
     original = train.evaluate.evaluate
@@ -372,6 +372,6 @@ def test_eval_mirror_applies_to_the_final_validation_only(tmp_path, monkeypatch)
 
     monkeypatch.setattr(train.evaluate, "evaluate", recording)
     cfg = config.preset("cpu-tiny", workdir=str(tmp_path), init="scratch", steps=4, eval_every=2, eval_mirror=True)
-    summary = trainer.train_and_evaluate(cfg)
+    summary = run.train_and_evaluate(cfg)
     assert calls == [(False, False), (True, True)]  # step 2, then the final step 4
     assert 0 <= summary["val_dice_mean"] <= 1

@@ -12,6 +12,7 @@ from absl import flags
 
 from train import config as config_lib
 from train import report, trainer
+from train import run as run_lib
 
 
 def _cli(*args, timeout=300):
@@ -29,7 +30,7 @@ def _config(argv):
 def _error_line(argv, tmp_path) -> str:
     """Runs the config checks and the run's set-up in-process; returns the one-line error."""
     with pytest.raises(config_lib.ConfigError) as err:
-        trainer.train_and_evaluate(_config([f"--workdir={tmp_path / 'run'}", *argv]))
+        run_lib.train_and_evaluate(_config([f"--workdir={tmp_path / 'run'}", *argv]))
     line = err.value.line()
     assert "\n" not in line
     return line
@@ -39,7 +40,7 @@ def test_help_documents_every_flag():
     proc = _cli("--help", timeout=60)
     assert proc.returncode == 0
     for field in dataclasses.fields(config_lib.Config):
-        if field.name != "model_options":
+        if field.name not in ("model_options", "explicit"):
             assert f"--{field.name}:" in proc.stdout or f"--[no]{field.name}:" in proc.stdout, field.name
     for name in ("--preset", "--model_option"):
         assert name in proc.stdout
@@ -146,7 +147,7 @@ def test_slices_pretraining_then_reuse_as_a_2d_checkpoint(tmp_path):
     second = tmp_path / "acs"
     config = _config(["--preset=cpu-tiny", "--init=acs", f"--pretrained={first / 'slices2d'}",
                       f"--workdir={second}", "--steps=1", "--eval_every=0"])
-    summary = trainer.train_and_evaluate(config)
+    summary = run_lib.train_and_evaluate(config)
     assert summary["init"] == "acs" and summary["pretrained"] == str(first / "slices2d")
     assert not (second / "slices2d").exists()  # the given 2D checkpoint was used, not retrained
     _, state = load_arrays(second / "checkpoints")

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from train import trainer
+from train import run, trainer
 from train.config import ConfigError
 
 SHARDED_STEP = textwrap.dedent(
@@ -159,18 +159,18 @@ class _LabelSource:
 
 
 def test_class_weights_of_counts_the_training_labels():
-    config = trainer.Config(class_weights="balanced")
+    config = run.Config(class_weights="balanced")
     counts = np.array([sum(8 - i for i in range(4)), 4, sum(i + 1 for i in range(4))])
     want = np.array([counts.sum() / (3 * c) for c in counts])
-    np.testing.assert_allclose(trainer.class_weights_of(config, _LabelSource(4)), want)
-    assert trainer.class_weights_of(trainer.Config(class_weights="none"), _LabelSource(4)) is None
-    assert trainer.class_weights_of(trainer.Config(class_weights="1,2,3"), _LabelSource(4)) == (1.0, 2.0, 3.0)
+    np.testing.assert_allclose(run.class_weights_of(config, _LabelSource(4)), want)
+    assert run.class_weights_of(run.Config(class_weights="none"), _LabelSource(4)) is None
+    assert run.class_weights_of(run.Config(class_weights="1,2,3"), _LabelSource(4)) == (1.0, 2.0, 3.0)
 
 
 def test_class_weights_of_reads_an_even_sample_of_a_large_dataset():
     source = _LabelSource(1000)
-    trainer.class_weights_of(trainer.Config(class_weights="balanced"), source)
-    assert len(source.read) == trainer.MAX_CASES_FOR_CLASS_WEIGHTS
+    run.class_weights_of(run.Config(class_weights="balanced"), source)
+    assert len(source.read) == run.MAX_CASES_FOR_CLASS_WEIGHTS
     assert source.read[0] == 0 and source.read[-1] == 999
 
 

@@ -63,16 +63,16 @@ def _param_count(config) -> int:
     from flax import nnx
 
     from acsjax.models import param_count
-    from train import init, trainer
+    from train import init, run
 
-    source = trainer.open_source(config, "train")
+    source = run.open_source(config, "train")
     build = init.model_fn(config, in_channels=source.num_channels, num_classes=source.num_classes, dims=config.dims)
     return param_count(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
 
 
 def run_variant(base, init: str, source: str, seed: int, out: Path, model: str | None = None) -> dict:
     """Trains (or reuses) one run; returns its summary, curve and parameter count."""
-    from train import trainer
+    from train import run
     from train.init import SLICES_DIR
 
     model = model or base.model
@@ -94,7 +94,7 @@ def run_variant(base, init: str, source: str, seed: int, out: Path, model: str |
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
     else:
-        summary = trainer.train_and_evaluate(config)
+        summary = run.train_and_evaluate(config)
     if source == "slices" and own.exists() and not shared.exists():
         shutil.copytree(own, shared)
     return {"name": name, "seed": seed, "summary": summary, "curve": _curve(workdir), "params": _param_count(config)}

@@ -18,6 +18,9 @@ import os
 from typing import Any
 
 INITS = ("scratch", "center", "average", "scale", "acs", "2.5d")
+# Datasets whose presets are tuned by hand; every other dataset is planned from its data (see apply_plan).
+BUILTIN_DATASETS = ("mni152", "synthetic")
+PLAN_MODES = ("auto", "off")
 PRETRAINED = ("slices", "imagenet")
 DTYPES = ("float32", "bfloat16", "float16")
 # acsjax.ops.CONV_IMPLS, spelled out so that flags parse without importing JAX (a test keeps them equal).
@@ -78,6 +81,11 @@ class Config:
     eval_overlap: float = 0.5
     eval_mirror: bool = False
     max_eval_cases: int = 0
+    spacing: tuple[float, float, float] | None = None
+    plan: str = "auto"
+    # Names of the fields (and 'model_option:KEY' entries) the user set explicitly;
+    # a plan never overrides them (see apply_plan).
+    explicit: tuple[str, ...] = ()
 
     @property
     def dims(self):
@@ -91,6 +99,13 @@ class Config:
             return self.cache_dir
         root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         return os.path.join(root, "acsjax")
+
+    @property
+    def planned(self) -> bool:
+        """Whether this run's settings come from a plan of its dataset (see :func:`apply_plan`)."""
+        if self.plan == "off":
+            return False
+        return self.plan != "auto" or self.dataset.partition(":")[0] not in BUILTIN_DATASETS
 
     @property
     def pretrained_source(self) -> str:
@@ -109,8 +124,22 @@ class Config:
 # (upper brain) 1.2 times: unweighted, the network learns the training
 # proportions as a prior and labels the validation slab's boundary white
 # matter grey. Mirror test-time augmentation in the final validation only.
+# The 'default' preset is for a user's own dataset (msd:PATH, folder:PATH): the
+# generic choices of a run (nnU-Net's: no class weights unless the plan asks,
+# mirror test-time augmentation), while the patch, batch, spacing and the
+# U-Net's stages come from the dataset's plan (train.planning), not from the
+# demo. `--preset` defaults to 'demo' for the built-in datasets and 'default'
+# for every other one.
 PRESETS: dict[str, Config] = {
     "demo": Config(model_options={"widths": (8, 16, 32, 64)}, class_weights="balanced", eval_mirror=True),
+    "default": Config(
+        workdir="",
+        model_options={"widths": (16, 32, 64, 128, 256)},
+        patch=(64, 64, 64),
+        eval_mirror=True,
+        slices_steps=1000,
+        eval_every=250,
+    ),
     "cpu-tiny": Config(
         dataset="synthetic",
         workdir="runs/tiny",
@@ -205,7 +234,15 @@ FLAG_HELP: dict[str, str] = {
     "eval_mirror": "Mirror test-time augmentation in the final validation: average the predictions of the "
     "volume flipped along every spatial axis (8 passes in 3D, so it takes 8x longer than without).",
     "max_eval_cases": "Evaluate on at most N validation cases (0: all).",
-    "preset": "Named defaults: demo (default; CPU, minutes), cpu-tiny (tests), gpu (one accelerator).",
+    "spacing": "Target voxel spacing in mm: one number or D,H,W (volumes are resampled to it). Default: the "
+    "plan's target spacing for a planned dataset, the source's own for the built-in ones.",
+    "plan": "auto (plan patch, batch, spacing, class weights and the U-Net's stages from the training data, "
+    "written to WORKDIR/plan.json, for every dataset but the built-in mni152 and synthetic ones), off (take "
+    "the preset as it is) or a PATH to a plan.json to use as it is. Explicit flags always win over the plan.",
+    "explicit": "(internal) the fields set explicitly; not a command-line flag.",
+    "preset": "Named defaults: demo (the default for --dataset=mni152 and synthetic; CPU, minutes), default "
+    "(the default for msd:/folder: datasets: generic settings, the rest planned from the data), cpu-tiny "
+    "(tests), gpu (one accelerator). A preset's patch x batch is the voxel budget the plan fills.",
 }
 
 
@@ -219,6 +256,22 @@ def parse_patch(text: str) -> tuple[int, int, int]:
         values = values * 3
     if len(values) != 3 or min(values) < 1:
         raise ConfigError("patch", f"expected three positive ints D,H,W, got {text!r}")
+    return values
+
+
+def parse_spacing(text) -> tuple[float, float, float] | None:
+    """'' or None -> None; '2' -> (2.0, 2.0, 2.0); '5,0.8,0.8' -> (5.0, 0.8, 0.8)."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    parts = text.replace("x", ",").split(",") if isinstance(text, str) else list(text)
+    try:
+        values = tuple(float(v) for v in parts)
+    except (TypeError, ValueError):
+        raise ConfigError("spacing", f"expected D,H,W in mm or one number, got {text!r}") from None
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or not all(0 < v < float("inf") for v in values):
+        raise ConfigError("spacing", f"expected three positive spacings D,H,W in mm, got {text!r}")
     return values
 
 
@@ -299,7 +352,62 @@ def validate(config: Config) -> Config:
         raise ConfigError("patch", f"expected three positive ints, got {config.patch}")
     if not config.workdir:
         raise ConfigError("workdir", "must not be empty")
+    if config.spacing is not None:
+        parse_spacing(config.spacing)
+    if config.plan not in PLAN_MODES and not os.path.isfile(config.plan):
+        raise ConfigError("plan", f"not auto or off, and no such file: {config.plan}")
     return config
+
+
+def default_workdir(dataset: str) -> str:
+    """runs/NAME for a dataset spec: 'msd:/data/Task04_Hippocampus' -> 'runs/Task04_Hippocampus'."""
+    kind, _, path = dataset.partition(":")
+    name = os.path.basename(os.path.normpath(path)) if path else kind
+    return os.path.join("runs", name or "run")
+
+
+def default_preset(dataset: str) -> str:
+    """'demo' for the built-in datasets, 'default' for a user's own (planned) dataset."""
+    return "demo" if dataset.partition(":")[0] in BUILTIN_DATASETS else "default"
+
+
+# What a plan (train.planning's ExperimentPlan.to_json()) sets, as Config field -> plan key.
+PLANNED_FIELDS = {"patch": "patch", "batch": "batch", "spacing": "target_spacing", "class_weights": "class_weights"}
+# U-Net options a plan sets (other models keep their own stages).
+PLANNED_UNET_OPTIONS = ("widths", "strides", "kernels")
+
+
+def apply_plan(config: Config, plan: dict) -> Config:
+    """The config a planned run uses: ``plan``'s entries, except where the user set a flag.
+
+    ``plan`` is a plan dict (``plan.json``). Fields named in ``config.explicit``
+    keep their values; so do U-Net options given with --model_option. An
+    explicit ``widths`` with fewer stages than the plan keeps the plan's first
+    strides and kernels.
+    """
+    changes: dict[str, Any] = {}
+    for field, key in PLANNED_FIELDS.items():
+        if field in config.explicit or key not in plan:
+            continue
+        value = plan[key]
+        changes[field] = tuple(value) if isinstance(value, list) else value
+    if config.model == "unet":
+        options = dict(config.model_options)
+        given = {k for k in PLANNED_UNET_OPTIONS if f"model_option:{k}" in config.explicit}
+        for key in PLANNED_UNET_OPTIONS:
+            if key not in given and key in plan:
+                options[key] = tuple(tuple(v) if isinstance(v, list) else v for v in plan[key])
+        stages = len(options.get("widths", ()))
+        for key in ("strides", "kernels"):
+            if key in options and key not in given and stages and len(options[key]) != stages:
+                if len(options[key]) < stages:
+                    raise ConfigError(
+                        "model_option", f"widths has {stages} stages, the plan only {len(options[key])}; "
+                        f"give --model_option={key}=... too or fewer widths"
+                    )
+                options[key] = options[key][:stages]
+        changes["model_options"] = options
+    return validate(dataclasses.replace(config, **changes))
 
 
 def preset(name: str, **overrides) -> Config:
@@ -313,7 +421,15 @@ def preset(name: str, **overrides) -> Config:
     if "patch" in overrides:
         patch = overrides["patch"]
         overrides["patch"] = parse_patch(",".join(map(str, patch)) if isinstance(patch, (list, tuple)) else patch)
-    return validate(dataclasses.replace(PRESETS[name], **overrides))
+    if "spacing" in overrides:
+        overrides["spacing"] = parse_spacing(overrides["spacing"])
+    explicit = set(overrides) - {"explicit"}
+    explicit |= {f"model_option:{k}" for k in overrides.get("model_options", {})}
+    overrides["explicit"] = tuple(sorted(explicit | set(overrides.get("explicit", ()))))
+    config = dataclasses.replace(PRESETS[name], **overrides)
+    if not config.workdir:
+        config = dataclasses.replace(config, workdir=default_workdir(config.dataset))
+    return validate(config)
 
 
 def to_json(config: Config) -> dict:
@@ -364,11 +480,11 @@ def define_flags(flag_values=None) -> None:
 
     fv = flag_values if flag_values is not None else flags.FLAGS
     demo = PRESETS["demo"]
-    flags.DEFINE_string("preset", "demo", FLAG_HELP["preset"], flag_values=fv)
+    flags.DEFINE_string("preset", None, FLAG_HELP["preset"], flag_values=fv)
     flags.DEFINE_multi_string("model_option", [], FLAG_HELP["model_option"], flag_values=fv)
     for field in dataclasses.fields(Config):
         name = field.name
-        if name == "model_options":
+        if name in ("model_options", "explicit"):
             continue
         value = getattr(demo, name)
         shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
@@ -388,18 +504,25 @@ def from_flags(flag_values=None) -> Config:
     from absl import flags
 
     fv = flag_values if flag_values is not None else flags.FLAGS
-    if fv.preset not in PRESETS:
-        raise ConfigError("preset", f"unknown {fv.preset!r}; choose one of {', '.join(PRESETS)}")
-    base = PRESETS[fv.preset]
+    dataset = fv["dataset"].value or PRESETS["demo"].dataset
+    name = fv.preset or default_preset(dataset)
+    if name not in PRESETS:
+        raise ConfigError("preset", f"unknown {name!r}; choose one of {', '.join(PRESETS)}")
+    base = PRESETS[name]
     overrides: dict[str, Any] = {}
     for field in dataclasses.fields(Config):
-        if field.name == "model_options":
+        if field.name in ("model_options", "explicit"):
             continue
         value = fv[field.name].value
         if value is None:
             continue
-        overrides[field.name] = parse_patch(value) if field.name == "patch" else value
+        parse = {"patch": parse_patch, "spacing": parse_spacing}.get(field.name)
+        overrides[field.name] = parse(value) if parse else value
     options = parse_model_options(fv.model_option)
+    explicit = set(overrides) | {f"model_option:{k}" for k in options}
     if options:
         overrides["model_options"] = {**base.model_options, **options}
-    return validate(dataclasses.replace(base, **overrides))
+    config = dataclasses.replace(base, **overrides, explicit=tuple(sorted(explicit)))
+    if not config.workdir:
+        config = dataclasses.replace(config, workdir=default_workdir(config.dataset))
+    return validate(config)

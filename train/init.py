@@ -59,8 +59,11 @@ def model_fn(config: Config, *, in_channels: int, num_classes: int, dims) -> Cal
     return build
 
 
-def check_model(build: Callable[[nnx.Rngs], nnx.Module], patch) -> None:
-    """Builds the model abstractly (no memory) to turn option and patch errors into ConfigErrors."""
+def check_model(build: Callable[[nnx.Rngs], nnx.Module], patch) -> nnx.Module:
+    """Builds the model abstractly (no memory) to turn option and patch errors into ConfigErrors.
+
+    Returns the abstract model (its structure, strides and shapes; no arrays).
+    """
     try:
         model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
     except (TypeError, ValueError) as err:
@@ -69,6 +72,7 @@ def check_model(build: Callable[[nnx.Rngs], nnx.Module], patch) -> None:
     divisor = tuple(getattr(model, "size_divisor", ()) or ())
     if divisor and any(p % d for p, d in zip(patch[-len(divisor):], divisor)):
         raise ConfigError("patch", f"{tuple(patch)} must be a multiple of the model's downsampling {divisor}")
+    return model
 
 
 def check_patch_fits(config: Config, source) -> None:

@@ -54,11 +54,11 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: unexpected arguments {argv[1:]}; every setting is a --flag (see --help)")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    from train import trainer  # after flag parsing: --help stays fast and JAX untouched
+    from train import run, trainer  # after flag parsing: --help stays fast and JAX untouched
 
     try:
         trainer.maybe_initialize_distributed()
-        trainer.train_and_evaluate(config_lib.from_flags())
+        run.train_and_evaluate(config_lib.from_flags())
     except config_lib.ConfigError as err:
         sys.exit(err.line())
     except trainer.NonFiniteLoss as err:

@@ -1,4 +1,4 @@
-"""The training loop: mesh, sharded train state, the jitted step, and the run.
+"""The training loop: mesh, sharded train state, the jitted step and ``fit``.
 
 Sharding: one ``jax.make_mesh`` over every device with axes ('data', 'space'),
 both ``AxisType.Auto`` (the compiler partitions the model's global-view code;
@@ -35,7 +35,7 @@ import acsjax.ops
 
 from train import losses
 from train.checkpoint import Checkpoints
-from train.config import Config, ConfigError, parse_class_weights, parse_mesh, validate, write_run_config
+from train.config import ConfigError, parse_mesh
 
 AXES = ("data", "space")
 
@@ -337,145 +337,3 @@ def fit(task: Task, state, iterator, progress: Progress, *, start: int, stop: in
         if save_now:
             checkpoints.save(step, state, iterator, val_dice=result["val_dice_mean"] if evaluate_now else None)
     return state, result
-
-
-def open_source(config: Config, split: str):
-    """The dataset's ``split``; a bad --dataset is a ConfigError."""
-    from train.data.sources import make_source
-
-    try:
-        return make_source(config.dataset, split, cache_dir=config.cache_path, seed=config.seed)
-    except (ValueError, OSError, KeyError) as err:
-        raise ConfigError("dataset", str(err).strip().splitlines()[0]) from None
-
-
-MAX_CASES_FOR_CLASS_WEIGHTS = 64
-
-
-def class_weights_of(config: Config, source) -> tuple[float, ...] | None:
-    """The cross-entropy weights ``--class_weights`` asks for, for ``source``'s classes.
-
-    'balanced' counts label voxels in the training cases (at most
-    ``MAX_CASES_FOR_CLASS_WEIGHTS``, evenly spaced, so a large dataset does
-    not delay the start by a full pass) and returns
-    :func:`train.losses.balanced_class_weights`.
-    """
-    weights = parse_class_weights(config.class_weights)
-    if weights is None:
-        return None
-    if weights != "balanced":
-        if len(weights) != source.num_classes:
-            raise ConfigError("class_weights", f"got {len(weights)} weights for {source.num_classes} classes")
-        return weights
-    picks = np.unique(np.linspace(0, len(source) - 1, min(len(source), MAX_CASES_FOR_CLASS_WEIGHTS)).round().astype(int))
-    counts = np.zeros(source.num_classes, np.int64)
-    for index in picks:
-        label = np.asarray(source[int(index)]["label"])
-        counts += np.bincount(label.ravel(), minlength=source.num_classes)[: source.num_classes]
-    try:
-        return losses.balanced_class_weights(counts)
-    except ValueError as err:
-        raise ConfigError("class_weights", str(err)) from None
-
-
-def train_and_evaluate(config: Config) -> dict:
-    """Trains and validates the run ``config`` describes and returns its summary.
-
-    Writes WORKDIR/config.json, metrics.csv, checkpoints/, summary.json and
-    validation.png. A WORKDIR with checkpoints resumes from the newest good
-    one. Raises ConfigError for bad settings and NonFiniteLoss when training
-    diverges (the checkpoints written before stay intact).
-    """
-    config = validate(config)
-    impl = config.conv_impl
-    if parse_mesh(config.mesh).get("space", 1) > 1 and impl in ("", "auto"):
-        # The GEMM lowering walks over depth slices; with depth split over the
-        # 'space' axis, XLA's own convolution lets the SPMD partitioner
-        # exchange halos instead of gathering the volume.
-        impl = "xla"
-    if not impl:
-        return _run(config)
-    # The lowering is read when a step is traced: set it before anything compiles.
-    with acsjax.ops.use_conv_impl(impl):
-        return _run(config)
-
-
-def _run(config: Config) -> dict:
-    from train import init as init_lib  # init builds on this module's step and loop
-    from train import report
-    from train.data import pipeline
-    from train.evaluate import evaluate
-
-    started = time.time()
-    workdir = Path(config.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    mesh = make_mesh(config.mesh)
-    check_batch_fits(mesh, config.batch, config.patch[0])
-    train_src, val_src = open_source(config, "train"), open_source(config, "val")
-    init_lib.check_patch_fits(config, train_src)
-    num_classes = train_src.num_classes
-    build = init_lib.model_fn(config, in_channels=train_src.num_channels, num_classes=num_classes, dims=config.dims)
-    init_lib.check_model(build, config.patch)
-    schedule = make_schedule(config.lr, config.steps, config.warmup_steps)
-    tx = make_optimizer(schedule, weight_decay=config.weight_decay, grad_clip=config.grad_clip)
-    class_weights = class_weights_of(config, train_src)
-    task = make_task(build, tx, schedule, num_classes, mesh, config.seed, class_weights)
-    if jax.process_index() == 0:
-        write_run_config(workdir / "config.json", config, train_src)
-
-    ds = pipeline.patch_dataset(
-        train_src, patch=config.patch, batch=config.batch // jax.process_count(), seed=config.seed,
-        foreground_fraction=config.foreground_fraction, augment=config.augment,
-        shard_index=jax.process_index(), shard_count=jax.process_count(),
-    )
-    iterator = pipeline.make_iterator(ds, config.workers)
-    checkpoints = Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
-    restored = checkpoints.restore_latest(task.abstract_state, iterator)
-    if restored is not None:
-        start, state = restored
-        _log(f"resuming from step {start} ({checkpoints.directory})")
-    else:
-        start, state = 0, init_lib.initialize(config, task, task.init(), train_src, workdir)
-
-    def validate_state(state, final):
-        return evaluate(
-            eval_model(task, state), val_src, patch=config.patch, num_classes=num_classes,
-            overlap=config.eval_overlap, mirror=config.eval_mirror and final, baseline=final, keep_predictions=1 if final else 0,
-            max_cases=config.max_eval_cases,
-        )
-
-    progress = Progress(name="train", total=config.steps, voxels_per_step=config.batch * math.prod(config.patch),
-                        csv_path=workdir / "metrics.csv", start=start)
-    try:
-        state, result = fit(
-            task, state, iterator, progress, start=start, stop=config.steps, log_every=config.log_every,
-            checkpoints=checkpoints, checkpoint_every=config.checkpoint_every,
-            validate=validate_state, eval_every=config.eval_every,
-        )
-    except NonFiniteLoss as err:
-        checkpoints.close()
-        last = checkpoints.latest_step()
-        kept = f"step {last} in {checkpoints.directory}" if last is not None else "none yet"
-        raise NonFiniteLoss(f"{err}; training stopped. Last good checkpoint: {kept}. Try a lower --lr.") from None
-    checkpoints.close()
-    if result is None:  # nothing left to train (a finished run rerun): validate once more
-        result = validate_state(state, True)
-    summary = report.summary_from_evaluation(
-        result,
-        init=config.init, pretrained=config.pretrained_source or None, steps=config.steps,
-        wall_s=round(time.time() - started, 1), model=config.model, dims=config.dims, dataset=config.dataset,
-        patch=list(config.patch), batch=config.batch, devices=jax.device_count(), processes=jax.process_count(),
-        mesh=dict(mesh.shape), resumed_from=start or None, best_step=checkpoints.best_step(),
-        class_weights=list(class_weights) if class_weights is not None else None,
-    )
-    if jax.process_index() == 0:
-        report.write_summary(str(workdir), summary)
-        report.plot_evaluation(str(workdir), result, val_src, title=f"{config.model} init={config.init}")
-        _log(f"val_dice_mean {summary['val_dice_mean']:.4f} (threshold baseline "
-             f"{summary['baseline_threshold_dice']}) in {summary['wall_s']:.0f}s; {workdir / report.SUMMARY}")
-    return summary
-
-
-def _log(message: str) -> None:
-    if jax.process_index() == 0:
-        print(message, flush=True)
