@@ -106,7 +106,8 @@ def write_dataset(out: str, *, num_cases: int = 4, slice_mm: int = 7, inplane_mm
         training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
     meta = {
         "name": "MNI152 thick slices",
-        "description": f"MNI152 2009 T1 box-averaged to {slice_mm} mm slices (+-{jitter_mm} mm), {inplane_mm} mm in-plane",
+        "description": (f"MNI152 2009 T1 box-averaged to {slice_mm} mm slices (+-{jitter_mm} mm), "
+                        f"{inplane_mm} mm in-plane"),
         "labels": {str(i): n for i, n in enumerate(CLASS_NAMES)},
         "modality": {"0": "MRI"},
         "numTraining": num_cases,

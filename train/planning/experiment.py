@@ -419,7 +419,8 @@ def plan_experiment(
     batch = max(min(by_budget, by_dataset), min_batch)
     if by_dataset < by_budget:
         notes.append(f"batch {batch}: the budget holds {by_budget}, but a batch covers at most "
-                     f"{100 * MAX_DATASET_COVERED:g}% of the data set's voxels ({by_dataset} patches); at least {min_batch}")
+                     f"{100 * MAX_DATASET_COVERED:g}% of the data set's voxels ({by_dataset} patches); "
+                     f"at least {min_batch}")
     else:
         notes.append(f"batch {batch}: as many patches as the budget holds, at least {min_batch}")
 
