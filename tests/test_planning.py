@@ -12,8 +12,8 @@ import pytest
 from train import plan as plan_cli
 from train.data import nifti, thinstack
 from train.data.nifti import DataError
-from train.planning import experiment
-from train.planning.experiment import ExperimentPlan, plan_experiment, target_spacing, topology
+from train.planning.experiment import ExperimentPlan, plan_experiment, target_spacing
+from train.planning.topology import topology
 from train.planning.fingerprint import Fingerprint, IntensityStats, fingerprint_dataset, fingerprint_source
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

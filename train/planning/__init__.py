@@ -5,6 +5,7 @@
 - :mod:`train.planning.experiment`: nnU-Net's planning rules: target spacing,
   patch, per-stage strides and kernels, batch and class weights from a
   fingerprint, written as ``plan.json``.
+- :mod:`train.planning.topology`: the per-stage strides and kernels rule.
 - :mod:`train.planning.memory`: what one compiled train step needs per device.
 
 The command is ``python -m train.plan``.
