@@ -1,124 +1,42 @@
-"""Memory planner: what does one train step on a volume need per device?
+"""Planning commands: an experiment plan from the data, or a train step's memory.
 
+  python -m train.plan --dataset=msd:PATH [--budget_voxels N] [--max_cases N] [--out plan.json]
   python -m train.plan --volume 2048,2048,2048 --devices 64 --remat nothing_saveable --dtype bfloat16
   python -m train.plan --volume 2048,2048,2048 --budget_gb 80 --search
 
-The planner compiles the real sharded train step (``train.trainer.make_step``)
-for abstract inputs: the whole volume as one batch element, its depth axis
-sharded over ``--devices`` fake CPU devices on the mesh's 'space' axis. Nothing
-is allocated, so a 2048^3 plan runs on a laptop. It reports XLA's buffer
-assignment per device: arguments (parameters, optimizer state, the input
-shard), outputs, and temporaries (activations kept for the backward pass,
-gradients, convolution workspaces).
+With ``--dataset`` it fingerprints the data set's labelled cases
+(:mod:`train.planning.fingerprint`) and derives an nnU-Net-style experiment
+plan (:mod:`train.planning.experiment`): target spacing, patch, strides and
+kernels per stage, batch, class weights. It prints both, and ``--out`` writes
+the plan as JSON (with the fingerprint under the key ``fingerprint``).
 
-Caveat: the numbers are XLA:CPU's buffer assignment; a GPU or TPU compiler
-fuses and schedules differently (cuDNN workspaces, for one), so keep a margin.
+Without it, the memory planner (:mod:`train.planning.memory`) compiles the
+real sharded train step for abstract inputs, the whole ``--volume`` as one
+batch element with its depth sharded over ``--devices`` fake CPU devices, and
+reports XLA's buffer assignment per device. Nothing is allocated, so a 2048^3
+plan runs on a laptop. The numbers are XLA:CPU's; a GPU or TPU compiler fuses
+and schedules differently, so keep a margin.
+
+Every user error prints one line, ``error: ...``, naming the file or flag.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
 import os
 import sys
-import time
 
-GIB = 1024**3
-# Per-block jax.checkpoint does nothing on XLA:CPU unless this pass is off
-# (it merges the recomputation back); GPU and TPU need no flag.
-CPU_REMAT_FLAG = "--xla_disable_hlo_passes=cse_barrier_expander"
+import numpy as np
+
+from train.planning import experiment, memory
 
 
-def configure_cpu_devices(count: int) -> None:
-    """Sets XLA_FLAGS for ``count`` fake CPU devices and working remat; must run before JAX starts."""
-    if "jax" in sys.modules:
-        import jax
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line, without the usage text."""
 
-        if jax._src.xla_bridge.backends_are_initialized():  # flags are read once, when the backend starts
-            raise RuntimeError("configure_cpu_devices must run before JAX initialises its backend")
-    flags = os.environ.get("XLA_FLAGS", "")
-    flags = " ".join(f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count"))
-    if CPU_REMAT_FLAG not in flags:
-        flags += " " + CPU_REMAT_FLAG
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-
-@dataclasses.dataclass(frozen=True)
-class StepMemory:
-    """Per-device bytes of one compiled train step."""
-
-    devices: int
-    remat: str
-    dtype: str
-    volume: tuple[int, int, int]
-    argument_bytes: int
-    output_bytes: int
-    alias_bytes: int
-    temp_bytes: int
-    compile_s: float
-
-    @property
-    def total_bytes(self) -> int:
-        """Live at the peak, at most: inputs + outputs not aliased to inputs + temporaries."""
-        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
-
-
-def step_memory(config, volume, devices: int, *, in_channels: int = 1, num_classes: int = 3, batch: int = 1) -> StepMemory:
-    """Compiles the sharded train step of ``config``'s model for ``batch`` volumes of shape ``volume``.
-
-    The volume's depth is split over ``devices`` on the mesh's 'space' axis.
-    Needs ``devices`` JAX devices (see :func:`configure_cpu_devices`).
-    """
-    import jax
-    import jax.numpy as jnp
-
-    import acsjax.ops
-    from train import init, trainer
-
-    mesh = trainer.make_mesh(f"data=1,space={devices}", devices=jax.devices()[:devices])
-    trainer.check_batch_fits(mesh, batch, volume[0], flag="devices")
-    build = init.model_fn(config, in_channels=in_channels, num_classes=num_classes, dims=config.dims)
-    schedule = trainer.make_schedule(config.lr, config.steps, config.warmup_steps)
-    tx = trainer.make_optimizer(schedule, weight_decay=config.weight_decay, grad_clip=config.grad_clip)
-    task = trainer.make_task(build, tx, schedule, num_classes, mesh, seed=config.seed)
-    shardings = trainer.batch_shardings(mesh)
-    batch_spec = {
-        "image": jax.ShapeDtypeStruct((batch, *volume, in_channels), jnp.float32, sharding=shardings["image"]),
-        "label": jax.ShapeDtypeStruct((batch, *volume), jnp.int32, sharding=shardings["label"]),
-    }
-    start = time.perf_counter()
-    # Plan the program an accelerator runs: XLA's own convolutions (cuDNN on
-    # GPU), not the CPU-only GEMM lowering that 'auto' picks on this backend.
-    with acsjax.ops.use_conv_impl("xla"), jax.set_mesh(mesh):
-        compiled = trainer.make_step(task).lower(task.abstract_state, batch_spec).compile()
-    stats = compiled.memory_analysis()
-    return StepMemory(
-        devices=devices,
-        remat=config.remat or "none",
-        dtype=config.dtype,
-        volume=tuple(volume),
-        argument_bytes=int(stats.argument_size_in_bytes),
-        output_bytes=int(stats.output_size_in_bytes),
-        alias_bytes=int(stats.alias_size_in_bytes),
-        temp_bytes=int(stats.temp_size_in_bytes),
-        compile_s=time.perf_counter() - start,
-    )
-
-
-def format_row(m: StepMemory, budget_gb: float | None = None) -> str:
-    """One table row: devices, remat, dtype, per-device GiB, fits?"""
-    fits = "" if budget_gb is None else ("yes" if m.total_bytes <= budget_gb * GIB else "no")
-    return (
-        f"| {m.devices} | {m.remat} | {m.dtype} | {m.argument_bytes / GIB:.2f} | {m.temp_bytes / GIB:.2f} "
-        f"| {m.total_bytes / GIB:.2f} | {fits} | {m.compile_s:.0f} |"
-    )
-
-
-HEADER = (
-    "| devices | remat | dtype | arguments GiB/dev | temporaries GiB/dev | total GiB/dev | fits | compile s |\n"
-    "|---|---|---|---|---|---|---|---|"
-)
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
 
 
 def _parse_ints(text: str, n: int | None = None) -> tuple[int, ...]:
@@ -128,21 +46,106 @@ def _parse_ints(text: str, n: int | None = None) -> tuple[int, ...]:
     return values
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.plan", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--volume", default="2048,2048,2048", help="D,H,W of the whole volume (one int for a cube)")
-    parser.add_argument("--model", default="unet", help="acsjax.models name")
-    parser.add_argument("--widths", default="32,64,128,256,320", help="U-Net widths (the 'gpu' preset's)")
-    parser.add_argument("--init", default="scale", help="decides dims: acs -> ACS, 2.5d -> 2.5D, else 3D")
-    parser.add_argument("--devices", default="8", help="device count(s) to plan for, e.g. 8 or 16,32,64")
-    parser.add_argument("--remat", default="nothing_saveable", help="jax.checkpoint_policies name, or 'none'")
-    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--budget_gb", type=float, default=80.0, help="per-device memory budget in GiB")
-    parser.add_argument("--search", action="store_true", help="try remat none/nothing_saveable and doubling device counts until one fits")
-    parser.add_argument("--max_devices", type=int, default=512)
-    args = parser.parse_args(argv)
+def _range(values) -> str:
+    values = np.asarray(values, np.float64)
+    return ", ".join(f"{np.median(v):.3g} [{v.min():.3g}..{v.max():.3g}]" for v in values.T)
 
+
+def format_fingerprint(fp) -> str:
+    """A short human summary of a fingerprint."""
+    lines = [
+        f"fingerprint of {fp.dataset}: {fp.num_cases} cases, {fp.num_channels} channel(s) "
+        f"({', '.join(fp.modalities)}), classes {', '.join(fp.class_names)}",
+        f"spacing (d, h, w) mm, median [min..max]: {_range(fp.spacings)}",
+        f"shape (D, H, W), median [min..max]: {_range(fp.shapes)}",
+        "class frequencies: " + ", ".join(f"{n} {f:.3f}" for n, f in zip(fp.class_names, fp.class_frequencies)),
+    ]
+    kind = "raw" if fp.raw_intensities else "normalised"
+    for c, s in enumerate(fp.intensity):
+        lines.append(
+            f"channel {c} foreground intensity ({kind}, {s.samples} samples): mean {s.mean:.4g}, std {s.std:.4g}, "
+            f"median {s.median:.4g}, 0.5-99.5% [{s.percentile_00_5:.4g}, {s.percentile_99_5:.4g}]"
+        )
+    return "\n".join(lines)
+
+
+def _dataset_mode(args) -> int:
+    from train.data.nifti import DataError
+    from train.planning import fingerprint
+
+    try:
+        fp = fingerprint.fingerprint_dataset(args.dataset, cache_dir=args.cache_dir or None,
+                                             max_cases=args.max_cases, seed=args.seed)
+    except DataError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # an unknown spec or a bad source option
+        print(f"error: --dataset: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    try:
+        plan = experiment.plan_experiment(
+            fp, budget_voxels=args.budget_voxels, base_width=args.base_width, max_width=args.max_width,
+            min_batch=args.min_batch, max_stages=args.max_stages,
+        )
+    except ValueError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    record = {**plan.to_json(), "dataset": args.dataset, "fingerprint": fp.to_json()}
+    print(format_fingerprint(fp))
+    print()
+    print(experiment.format_plan(plan))
+    print()
+    print(json.dumps(plan.to_json()))
+    if args.out:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(record, f, indent=2)
+        except OSError as err:
+            print(f"error: --out: {args.out}: {err.strerror or err}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = _Parser(prog="python -m train.plan", description=__doc__.split("\n\n")[0])
+    data = parser.add_argument_group("experiment plan from the data")
+    data.add_argument("--dataset", default="", help="data spec: msd:PATH, folder:PATH, mni152 or synthetic")
+    data.add_argument("--budget_voxels", type=int, default=experiment.DEFAULT_BUDGET_VOXELS,
+                      help="patch voxels x batch one step may hold (default 2 x 64^3, a CPU's)")
+    data.add_argument("--max_cases", type=int, default=None, help="fingerprint at most this many cases")
+    data.add_argument("--cache_dir", default="", help="cache decoded cases here")
+    data.add_argument("--seed", type=int, default=0, help="seeds the intensity sample")
+    data.add_argument("--base_width", type=int, default=experiment.DEFAULT_BASE_WIDTH)
+    data.add_argument("--max_width", type=int, default=experiment.DEFAULT_MAX_WIDTH)
+    data.add_argument("--max_stages", type=int, default=experiment.DEFAULT_MAX_STAGES)
+    data.add_argument("--min_batch", type=int, default=2)
+    data.add_argument("--out", default="", help="write the plan (and fingerprint) as JSON here")
+    mem = parser.add_argument_group("train step memory (without --dataset)")
+    mem.add_argument("--volume", default="2048,2048,2048", help="D,H,W of the whole volume (one int for a cube)")
+    mem.add_argument("--model", default="unet", help="acsjax.models name")
+    mem.add_argument("--widths", default="32,64,128,256,320", help="U-Net widths (the 'gpu' preset's)")
+    mem.add_argument("--init", default="scale", help="decides dims: acs -> ACS, 2.5d -> 2.5D, else 3D")
+    mem.add_argument("--devices", default="8", help="device count(s) to plan for, e.g. 8 or 16,32,64")
+    mem.add_argument("--remat", default="nothing_saveable", help="jax.checkpoint_policies name, or 'none'")
+    mem.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    mem.add_argument("--batch", type=int, default=1)
+    mem.add_argument("--budget_gb", type=float, default=80.0, help="per-device memory budget in GiB")
+    mem.add_argument("--search", action="store_true",
+                     help="try remat none/nothing_saveable and doubling device counts until one fits")
+    mem.add_argument("--max_devices", type=int, default=512)
+    args = parser.parse_args(argv)
+    for name in ("budget_voxels", "max_cases", "base_width", "max_width", "max_stages", "min_batch"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name}: must be >= 1, got {value}")
+    if args.dataset:
+        return _dataset_mode(args)
+    return _memory_mode(args, parser)
+
+
+def _memory_mode(args, parser) -> int:
     try:
         volume = _parse_ints(args.volume, 3)
         widths = _parse_ints(args.widths)
@@ -153,14 +156,14 @@ def main(argv=None) -> int:
         parser.error(f"--volume: expected D,H,W, got {args.volume!r}")
     if args.search:
         counts = [2**k for k in range(0, args.max_devices.bit_length()) if 2**k <= args.max_devices and volume[0] % 2**k == 0]
-    configure_cpu_devices(max(counts))
+    memory.configure_cpu_devices(max(counts))
 
     from train import config as config_lib
 
     remats = ["none", "nothing_saveable"] if args.search else [args.remat]
     print(f"train step of {args.model} widths={widths} on a {volume} volume, batch {args.batch}, {args.dtype}, "
           f"budget {args.budget_gb:g} GiB per device (XLA:CPU buffer assignment)")
-    print(HEADER)
+    print(memory.HEADER)
     best = None
     for remat in remats:
         try:
@@ -173,12 +176,12 @@ def main(argv=None) -> int:
             return 2
         for n in counts:
             try:
-                m = step_memory(config, volume, n, batch=args.batch)
+                m = memory.step_memory(config, volume, n, batch=args.batch)
             except config_lib.ConfigError as err:
                 print(err.line(), file=sys.stderr)
                 return 2
-            print(format_row(m, args.budget_gb), flush=True)
-            if m.total_bytes <= args.budget_gb * GIB:
+            print(memory.format_row(m, args.budget_gb), flush=True)
+            if m.total_bytes <= args.budget_gb * memory.GIB:
                 if best is None or (m.devices, m.total_bytes) < (best.devices, best.total_bytes):
                     best = m
                 if args.search:
@@ -187,7 +190,7 @@ def main(argv=None) -> int:
         print(f"nothing tried fits {args.budget_gb:g} GiB per device")
         return 1
     print(f"smallest fit: {best.devices} devices, remat {best.remat}, {best.dtype}: "
-          f"{best.total_bytes / GIB:.1f} GiB per device")
+          f"{best.total_bytes / memory.GIB:.1f} GiB per device")
     return 0
 
 

@@ -4,7 +4,7 @@
 
 1. Remat: peak temporary memory of a 3D U-Net train step on one device with
    and without per-block ``jax.checkpoint`` (policy ``nothing_saveable``), with
-   the XLA:CPU flag that lets remat take effect (see train.plan).
+   the XLA:CPU flag that lets remat take effect (see train.planning.memory).
 2. Spatial sharding: per-device temporary memory of the same step on a
    ``--shard_volume``^3 volume whose depth is split over 1, 2, 4 and 8 fake CPU
    devices (mesh axis 'space'), against one device.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from train import plan
+from train.planning import memory as memory_plan
 
 MIB = 1024**2
 
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     counts = [int(v) for v in args.devices.split(",")]
-    plan.configure_cpu_devices(max(counts))
+    memory_plan.configure_cpu_devices(max(counts))
 
     from train import config as config_lib
 
@@ -43,8 +43,8 @@ def main(argv=None) -> int:
 
     results = {"widths": widths, "dtype": args.dtype}
     volume = (args.remat_volume,) * 3
-    plain = plan.step_memory(config(""), volume, 1)
-    remat = plan.step_memory(config("nothing_saveable"), volume, 1)
+    plain = memory_plan.step_memory(config(""), volume, 1)
+    remat = memory_plan.step_memory(config("nothing_saveable"), volume, 1)
     ratio = plain.temp_bytes / remat.temp_bytes
     print(f"## remat: U-Net {widths} train step, {volume} volume, batch 1, {args.dtype}, 1 device")
     print("| remat | temporaries MiB | total MiB |\n|---|---|---|")
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     print("| devices | temporaries MiB/dev | total MiB/dev | temp vs 1 device | ideal 1/n |\n|---|---|---|---|---|")
     rows, base = [], None
     for n in counts:
-        m = plan.step_memory(config(""), volume, n)
+        m = memory_plan.step_memory(config(""), volume, n)
         base = base or m.temp_bytes
         print(f"| {n} | {m.temp_bytes / MIB:.0f} | {m.total_bytes / MIB:.0f} | {m.temp_bytes / base:.3f} | {1 / n:.3f} |", flush=True)
         rows.append({"devices": n, "temp": m.temp_bytes, "total": m.total_bytes, "ratio": m.temp_bytes / base})
