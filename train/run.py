@@ -102,20 +102,21 @@ def make_plan(config: Config, workdir: Path) -> dict:
     Writes WORKDIR/fingerprint.json. The preset's ``patch x batch`` is the
     voxel budget; its U-Net widths give the first and the widest stage.
     """
-    from train import planning
+    from train.planning.experiment import plan_experiment
+    from train.planning.fingerprint import fingerprint_source
 
     native = open_source(dataclasses.replace(config, spacing=None), "train")
-    fingerprint = planning.fingerprint_source(native, seed=config.seed)
+    fingerprint = fingerprint_source(native, seed=config.seed, dataset=config.dataset)
     if jax.process_index() == 0:
         (workdir / FINGERPRINT).write_text(json.dumps(fingerprint.to_json(), indent=2) + "\n")
     widths = tuple(config.model_options.get("widths") or (32, 64, 128, 256, 320))
-    plan = planning.plan_experiment(
+    plan = plan_experiment(
         fingerprint,
         budget_voxels=int(config.batch * math.prod(config.patch)),
         base_width=int(widths[0]),
         max_width=int(max(widths)),
     )
-    return plan.to_json()
+    return {**plan.to_json(), "dataset": config.dataset}
 
 
 def resolve_plan(config: Config, workdir: Path) -> tuple[Config, dict | None]:
