@@ -158,6 +158,29 @@ def test_resampling_reproduces_a_linear_world_field_on_oblique_grids():
     np.testing.assert_array_equal(got3, got2)
 
 
+def test_a_case_read_from_an_oblique_file_carries_the_affine_of_its_array(tmp_path):
+    """``read_volume`` flips and permutes a file towards RAS; its affine still maps memory indices to world mm."""
+    file_shape = (9, 11, 8)
+    # A PSL-like file (axes roughly posterior, superior, left), tilted by 10-20 degrees.
+    psl = np.array([[0.0, 0.0, -1.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    tilt = Rotation.from_euler("xyz", [12.0, -18.0, 10.0], degrees=True).as_matrix()
+    file_affine = grid_affine((1.5, 1.2, 2.0), (30.0, -20.0, 15.0), tilt @ psl)
+    b = np.array([0.5, -0.8, 1.1])
+    data = _linear_field(world_coordinates(file_shape, file_affine), 1.0, b).astype(np.float32)
+    volume = nifti.read_volume(nifti.write_file(data, file_affine, str(tmp_path / "oblique.nii.gz")))
+    assert volume.array.shape != file_shape  # reoriented
+    dst_shape = (6, 7, 5)
+    middle = file_affine[:3, :3] @ [4.0, 5.0, 3.5] + file_affine[:3, 3]
+    dst_affine = _centred_grid(dst_shape, (1.7, 1.7, 1.7), middle, R_DST)
+    got, valid = resample_to_grid(volume.array, volume.affine, dst_shape, dst_affine)
+    assert valid.mean() > 0.2
+    want = _linear_field(world_coordinates(dst_shape, dst_affine), 1.0, b)
+    np.testing.assert_allclose(got[valid], want[valid], atol=1e-4)
+    # The file's own affine does not describe the reoriented array.
+    wrong, valid = resample_to_grid(volume.array, file_affine, dst_shape, dst_affine)
+    assert np.abs(wrong - want)[valid].max() > 1.0
+
+
 def test_resampling_onto_its_own_grid_is_the_identity_and_margin_widens_the_mask():
     values = np.random.default_rng(0).normal(size=(5, 6, 7)).astype(np.float32)
     affine = _centred_grid(values.shape, (1.0, 2.0, 3.0), (1.0, 2.0, 3.0), R_SRC)
