@@ -1,4 +1,4 @@
-"""Segmentation losses: soft Dice + cross-entropy, with deep supervision.
+"""Segmentation losses: soft Dice + cross-entropy, with deep supervision; distillation.
 
 Logits are channels-last ``(N, *spatial, K)`` and labels integer
 ``(N, *spatial)``, for volumes and 2D slices alike. Everything reduces with
@@ -147,3 +147,61 @@ def hard_dice(logits: jax.Array, labels: jax.Array, num_classes: int) -> jax.Arr
     present = total > 0
     dice = jnp.where(present, 2.0 * intersection / jnp.maximum(total, 1), 0.0)
     return jnp.sum(dice) / jnp.sum(present)
+
+
+def distillation_loss(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    *,
+    temperature: float = 1.0,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """Hinton's distillation term: T^2 * KL(softmax(teacher/T) || softmax(student/T)), voxel mean.
+
+    With ``q = softmax(teacher / T)`` and ``p = softmax(student / T)`` over the
+    last (class) axis, each voxel contributes
+    ``KL_v = sum_k q_k (log q_k - log p_k)``, and the loss is
+    ``T^2 * sum_v m_v KL_v / sum_v m_v`` (``m`` = ``mask``, all ones when None),
+    0 when the mask is empty. The teacher is a constant target
+    (``stop_gradient``), so the gradient with respect to the student's logits
+    is ``T * m_v * (p - q) / sum_v m_v``: the ``T^2`` factor keeps the
+    gradient's scale comparable across temperatures, as Hinton et al. argue.
+
+    Args:
+      student_logits, teacher_logits: ``(N, *spatial, K)``, the same shape
+        (resample the teacher onto the student's grid first, see
+        :mod:`train.data.resample`).
+      temperature: ``T > 0``; 1 compares the plain softmaxes.
+      mask: ``(N, *spatial)`` bool or non-negative weights; False / 0 where the
+        teacher has no data (the ``valid`` mask of the resampling).
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"distillation_loss: student logits {student_logits.shape} and teacher logits "
+            f"{teacher_logits.shape} differ; resample the teacher onto the student's grid"
+        )
+    if not temperature > 0:
+        raise ValueError(f"distillation_loss: temperature must be > 0, got {temperature}")
+    t = float(temperature)
+    teacher = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32)) / t
+    log_q = jax.nn.log_softmax(teacher, axis=-1)
+    log_p = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)
+    kl = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
+    if mask is None:
+        return t * t * jnp.mean(kl)
+    if mask.shape != kl.shape:
+        raise ValueError(f"distillation_loss: mask {mask.shape} must be the logits' shape without classes {kl.shape}")
+    weights = mask.astype(jnp.float32)
+    total = jnp.sum(weights)
+    return t * t * jnp.sum(weights * kl) / jnp.where(total > 0, total, 1.0)
+
+
+def combined_loss(supervised: jax.Array, distill: jax.Array, kd_weight: float) -> jax.Array:
+    """``(1 - a) * supervised + a * distill`` with ``a = kd_weight`` in [0, 1].
+
+    ``a = 0`` is plain supervised training, ``a = 1`` pure distillation
+    (voxels without labels).
+    """
+    if isinstance(kd_weight, (int, float)) and not 0.0 <= kd_weight <= 1.0:
+        raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight}")
+    return (1.0 - kd_weight) * supervised + kd_weight * distill
