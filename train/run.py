@@ -29,7 +29,7 @@ import numpy as np
 import acsjax.ops
 
 from train import init as init_lib
-from train import losses, trainer
+from train import losses, tasks, trainer
 from train.checkpoint import Checkpoints
 from train.config import Config, ConfigError, apply_plan, parse_class_weights, parse_mesh, validate, write_run_config
 
@@ -203,7 +203,6 @@ def train_and_evaluate(config: Config) -> dict:
 def _run(config: Config) -> dict:
     from train import report
     from train.data import pipeline
-    from train.evaluate import evaluate
 
     started = time.time()
     workdir = Path(config.workdir)
@@ -219,16 +218,14 @@ def _run(config: Config) -> dict:
     schedule = trainer.make_schedule(config.lr, config.steps, config.warmup_steps)
     tx = trainer.make_optimizer(schedule, weight_decay=config.weight_decay, grad_clip=config.grad_clip)
     class_weights = class_weights_of(config, train_src)
-    task = trainer.make_task(build, tx, schedule, num_classes, mesh, config.seed, class_weights)
+    kind = tasks.SEGMENTATION
+    task = trainer.make_task(build, tx, schedule, num_classes, mesh, config.seed, class_weights, kind)
     if jax.process_index() == 0:
         write_plan(workdir / PLAN, config, train_src, abstract_model, plan)
         write_run_config(workdir / "config.json", config, train_src)
 
-    ds = pipeline.patch_dataset(
-        train_src, patch=config.patch, batch=config.batch // jax.process_count(), seed=config.seed,
-        foreground_fraction=config.foreground_fraction, augment=config.augment,
-        shard_index=jax.process_index(), shard_count=jax.process_count(),
-    )
+    ds = kind.train_data(train_src, config, batch=config.batch // jax.process_count(),
+                         shard_index=jax.process_index(), shard_count=jax.process_count())
     iterator = pipeline.make_iterator(ds, config.workers)
     checkpoints = Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
     restored = checkpoints.restore_latest(task.abstract_state, iterator)
@@ -239,11 +236,7 @@ def _run(config: Config) -> dict:
         start, state = 0, init_lib.initialize(config, task, task.init(), train_src, workdir)
 
     def validate_state(state, final):
-        return evaluate(
-            trainer.eval_model(task, state), val_src, patch=config.patch, num_classes=num_classes,
-            overlap=config.eval_overlap, mirror=config.eval_mirror and final, baseline=final,
-            keep_predictions=1 if final else 0, max_cases=config.max_eval_cases,
-        )
+        return kind.validate(trainer.eval_model(task, state), val_src, config, final=final)
 
     progress = trainer.Progress(name="train", total=config.steps, voxels_per_step=config.batch * math.prod(config.patch),
                                 csv_path=workdir / "metrics.csv", start=start)
@@ -271,7 +264,7 @@ def _run(config: Config) -> dict:
     )
     if jax.process_index() == 0:
         report.write_summary(str(workdir), summary)
-        report.plot_evaluation(str(workdir), result, val_src, title=f"{config.model} init={config.init}")
+        kind.report(str(workdir), result, val_src, title=f"{config.model} init={config.init}")
         _log(f"val_dice_mean {summary['val_dice_mean']:.4f} (threshold baseline "
              f"{summary['baseline_threshold_dice']}) in {summary['wall_s']:.0f}s; {workdir / report.SUMMARY}")
     return summary

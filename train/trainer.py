@@ -33,7 +33,7 @@ from jax.sharding import AxisType, NamedSharding
 
 import acsjax.ops
 
-from train import losses
+from train import tasks
 from train.checkpoint import Checkpoints
 from train.config import ConfigError, parse_mesh
 
@@ -138,6 +138,7 @@ class Task:
     abstract_state: Any  # ShapeDtypeStructs carrying their shardings
     init: Callable[[], dict]  # builds the initial state, sharded
     class_weights: tuple[float, ...] | None = None  # cross-entropy weight per class
+    kind: Any = tasks.SEGMENTATION  # what is learnt: loss, step metrics, validation (train.tasks)
 
 
 def _split(model):
@@ -146,11 +147,12 @@ def _split(model):
 
 def make_task(
     model_fn: Callable[[nnx.Rngs], nnx.Module], tx, schedule, num_classes: int, mesh, seed: int = 0,
-    class_weights: Sequence[float] | None = None,
+    class_weights: Sequence[float] | None = None, kind=tasks.SEGMENTATION,
 ) -> Task:
     """The Task of a model: its abstract state from ``jax.eval_shape`` (no memory used).
 
-    ``class_weights`` (one float per class, or None) weight the loss's cross-entropy.
+    ``class_weights`` (one float per class, or None) weight the loss's cross-entropy;
+    ``kind`` is what is learnt (a :mod:`train.tasks` task: loss and step metrics).
 
     ``task.init()`` then builds the initial state with
     ``jax.jit(init, out_shardings=...)``, directly in its sharded layout.
@@ -182,7 +184,7 @@ def make_task(
     weights = None if class_weights is None else tuple(float(w) for w in class_weights)
     if weights is not None and len(weights) != num_classes:
         raise ValueError(f"class_weights has {len(weights)} entries for {num_classes} classes")
-    return Task(graphdefs["train"], graphdefs["eval"], tx, schedule, num_classes, mesh, abstract, create, weights)
+    return Task(graphdefs["train"], graphdefs["eval"], tx, schedule, num_classes, mesh, abstract, create, weights, kind)
 
 
 def train_step(task: Task, state: dict, batch: dict) -> tuple[dict, dict]:
@@ -192,7 +194,7 @@ def train_step(task: Task, state: dict, batch: dict) -> tuple[dict, dict]:
         # Fresh variables made inside this trace: BatchNorm may update them here.
         model = nnx.merge(task.graphdef, params, jax.tree.map(lambda x: x, model_state))
         outputs = model(batch["image"])
-        loss, parts = losses.segmentation_loss(outputs, batch["label"], task.num_classes, task.class_weights)
+        loss, parts = task.kind.loss(outputs, batch["label"], task.num_classes, task.class_weights)
         main = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
         return loss, (parts, _split(model)[2], main)
 
@@ -209,7 +211,7 @@ def train_step(task: Task, state: dict, batch: dict) -> tuple[dict, dict]:
     }
     metrics = {
         "loss": loss,
-        "dice": losses.hard_dice(logits, batch["label"], task.num_classes),
+        **task.kind.step_metrics(logits, batch["label"], task.num_classes),
         "grad_norm": optax.tree.norm(grads),
         "lr": task.schedule(state["step"]),
         **parts,
@@ -331,9 +333,10 @@ def fit(task: Task, state, iterator, progress: Progress, *, start: int, stop: in
         if evaluate_now:
             result = validate(state, last)
             progress.restart_clock(step)  # keep validation time out of voxels/s
-            progress.write({"step": step, "val_dice_mean": result["val_dice_mean"], "wall_s": progress.elapsed()})
+            score = task.kind.score
+            progress.write({"step": step, score: result[score], "wall_s": progress.elapsed()})
             if jax.process_index() == 0:
-                print(f"{progress.name} step {step:>6}/{stop}  val_dice_mean {result['val_dice_mean']:.4f}", flush=True)
+                print(f"{progress.name} step {step:>6}/{stop}  {score} {result[score]:.4f}", flush=True)
         if save_now:
-            checkpoints.save(step, state, iterator, val_dice=result["val_dice_mean"] if evaluate_now else None)
+            checkpoints.save(step, state, iterator, val_dice=result[task.kind.score] if evaluate_now else None)
     return state, result
