@@ -34,6 +34,7 @@ from jax.sharding import AxisType, NamedSharding
 import acsjax.ops
 
 from train import losses
+from train import tensorboard as board_lib
 from train.checkpoint import Checkpoints
 from train.config import Config, ConfigError, parse_class_weights, parse_mesh, validate, write_run_config
 
@@ -239,11 +240,19 @@ def eval_model(task: Task, state: dict) -> nnx.Module:
 
 
 class Progress:
-    """Collects step metrics, checks them, prints progress lines and writes metrics.csv."""
+    """Collects step metrics, checks them, prints progress lines, writes metrics.csv and TensorBoard files.
+
+    With ``tensorboard`` (a run directory, see :mod:`train.tensorboard`) every
+    row also goes there as scalars ``train/<field>`` and ``val/dice_mean``,
+    validations add ``val/dice/<class name>``, and :meth:`image` adds figures.
+    Call :meth:`close` when the run is done.
+    """
 
     FIELDS = ("step", "loss", "dice", "ce", "dice_loss", "grad_norm", "lr", "voxels_per_s", "val_dice_mean", "wall_s")
+    TRAIN_SCALARS = ("loss", "dice", "ce", "dice_loss", "grad_norm", "lr", "voxels_per_s")
 
-    def __init__(self, *, name: str, total: int, voxels_per_step: int, csv_path: Path | None, start: int):
+    def __init__(self, *, name: str, total: int, voxels_per_step: int, csv_path: Path | None, start: int,
+                 tensorboard: Path | None = None):
         self.name, self.total, self.voxels = name, total, voxels_per_step
         self.csv_path = csv_path if jax.process_index() == 0 else None
         self.pending: list[tuple[int, dict]] = []
@@ -251,6 +260,7 @@ class Progress:
         self.tick_step = self.start = start
         if self.csv_path is not None:
             _truncate_csv(self.csv_path, start, self.FIELDS)
+        self.board = board_lib.Board(tensorboard, start=start) if tensorboard is not None else None
 
     def restart_clock(self, step: int) -> None:
         self.tick, self.tick_step = time.perf_counter(), step
@@ -285,6 +295,12 @@ class Progress:
         return row
 
     def write(self, row: dict) -> None:
+        """Appends ``row`` (a dict with ``step`` and some of ``FIELDS``) to metrics.csv and TensorBoard."""
+        if self.board is not None:
+            scalars = {f"train/{k}": row[k] for k in self.TRAIN_SCALARS if k in row}
+            scalars["val/dice_mean"] = row.get("val_dice_mean")
+            self.board.scalars(row["step"], scalars)
+            self.board.flush()  # as current on disk as metrics.csv
         if self.csv_path is None:
             return
         new = not self.csv_path.exists()
@@ -293,6 +309,24 @@ class Progress:
             if new:
                 writer.writeheader()
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+    def validation(self, step: int, result: dict) -> None:
+        """Logs an :func:`train.evaluate.evaluate` result: its mean, per-class Dice and threshold baseline."""
+        if self.board is not None:
+            scalars = {f"val/dice/{name}": dice for name, dice in result.get("val_dice", {}).items()}
+            scalars["val/baseline_threshold_dice"] = result.get("baseline_threshold_dice")  # None: not computed
+            self.board.scalars(step, scalars)
+        self.write({"step": step, "val_dice_mean": result["val_dice_mean"], "wall_s": self.elapsed()})
+
+    def image(self, tag: str, image, step: int) -> None:
+        """Adds a PNG file or an image array to TensorBoard (nothing without a TensorBoard directory)."""
+        if self.board is not None:
+            self.board.image(tag, image, step)
+            self.board.flush()
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
 
 def _truncate_csv(path: Path, start: int, fields) -> None:
@@ -331,7 +365,7 @@ def fit(task: Task, state, iterator, progress: Progress, *, start: int, stop: in
         if evaluate_now:
             result = validate(state, last)
             progress.restart_clock(step)  # keep validation time out of voxels/s
-            progress.write({"step": step, "val_dice_mean": result["val_dice_mean"], "wall_s": progress.elapsed()})
+            progress.validation(step, result)
             if jax.process_index() == 0:
                 print(f"{progress.name} step {step:>6}/{stop}  val_dice_mean {result['val_dice_mean']:.4f}", flush=True)
         if save_now:
@@ -381,10 +415,10 @@ def class_weights_of(config: Config, source) -> tuple[float, ...] | None:
 def train_and_evaluate(config: Config) -> dict:
     """Trains and validates the run ``config`` describes and returns its summary.
 
-    Writes WORKDIR/config.json, metrics.csv, checkpoints/, summary.json and
-    validation.png. A WORKDIR with checkpoints resumes from the newest good
-    one. Raises ConfigError for bad settings and NonFiniteLoss when training
-    diverges (the checkpoints written before stay intact).
+    Writes WORKDIR/config.json, metrics.csv, tensorboard/, checkpoints/,
+    summary.json and validation.png. A WORKDIR with checkpoints resumes from
+    the newest good one. Raises ConfigError for bad settings and NonFiniteLoss
+    when training diverges (the checkpoints written before stay intact).
     """
     config = validate(config)
     impl = config.conv_impl
@@ -445,7 +479,7 @@ def _run(config: Config) -> dict:
         )
 
     progress = Progress(name="train", total=config.steps, voxels_per_step=config.batch * math.prod(config.patch),
-                        csv_path=workdir / "metrics.csv", start=start)
+                        csv_path=workdir / "metrics.csv", start=start, tensorboard=workdir / "tensorboard")
     try:
         state, result = fit(
             task, state, iterator, progress, start=start, stop=config.steps, log_every=config.log_every,
@@ -470,9 +504,11 @@ def _run(config: Config) -> dict:
     )
     if jax.process_index() == 0:
         report.write_summary(str(workdir), summary)
-        report.plot_evaluation(str(workdir), result, val_src, title=f"{config.model} init={config.init}")
+        figure = report.plot_evaluation(str(workdir), result, val_src, title=f"{config.model} init={config.init}")
+        progress.image("val/overlay", figure, config.steps)
         _log(f"val_dice_mean {summary['val_dice_mean']:.4f} (threshold baseline "
              f"{summary['baseline_threshold_dice']}) in {summary['wall_s']:.0f}s; {workdir / report.SUMMARY}")
+    progress.close()
     return summary
 
 
