@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train import run, trainer
+from train import run, tensorboard, trainer
 from train.checkpoint import CheckpointError, CheckpointFallbackWarning, Checkpoints, load_arrays
 from train.config import preset
 
@@ -127,6 +127,11 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path):
     # Bit-identical on CPU: the same programs on the same inputs, the data
     # position restored exactly, and no float32 state lost in the checkpoint.
     jax.tree.map(np.testing.assert_array_equal, a, b)
+    # TensorBoard shows each step once: the replayed steps replace the killed run's.
+    whole_loss = tensorboard.read_scalars(whole / "tensorboard")["train/loss"]
+    killed_loss = tensorboard.read_scalars(killed / "tensorboard")["train/loss"]
+    assert [s for s, _ in killed_loss] == list(range(1, 13))
+    assert killed_loss == whole_loss
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

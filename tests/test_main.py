@@ -11,7 +11,7 @@ import pytest
 from absl import flags
 
 from train import config as config_lib
-from train import report, trainer
+from train import report, tensorboard, trainer
 from train import run as run_lib
 
 
@@ -136,6 +136,19 @@ def test_slices_pretraining_then_reuse_as_a_2d_checkpoint(tmp_path):
     assert run["dims"] == 3 and run["patch"] == [16, 16, 16] and run["num_classes"] == 4
     rows = (first / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("step,loss,dice") and len(rows) == 1 + 2 + 1  # header, 2 steps, final validation
+    # TensorBoard: the 3D run in tensorboard/, the 2D slices stage as a second run beside it.
+    scalars = tensorboard.read_scalars(first / "tensorboard")
+    train_tags = {f"train/{k}" for k in ("loss", "dice", "ce", "dice_loss", "grad_norm", "lr", "voxels_per_s")}
+    val_tags = {"val/dice_mean", "val/baseline_threshold_dice", *(f"val/dice/{c}" for c in summary["val_dice"])}
+    assert set(scalars) == train_tags | val_tags
+    assert [s for s, _ in scalars["train/loss"]] == [1, 2]
+    assert scalars["val/dice_mean"] == [(2, pytest.approx(summary["val_dice_mean"], rel=1e-6))]
+    assert scalars["val/dice/organ"] == [(2, pytest.approx(summary["val_dice"]["organ"], rel=1e-6))]
+    overlays = [(e.step, v.image.encoded_image_string) for e in tensorboard.read_events(first / "tensorboard")
+                for v in e.summary.value if v.tag == "val/overlay"]
+    assert overlays == [(2, (first / report.FIGURE).read_bytes())]
+    slices = tensorboard.read_scalars(first / "tensorboard" / "slices")
+    assert set(slices) == train_tags and [s for s, _ in slices["train/loss"]] == [1, 2, 3]
 
     # --init=acs from the saved 2D checkpoint: the ACS model starts from the
     # 2D kernels as they are, and AdamW's first step moves each entry by at

@@ -190,7 +190,7 @@ FLAG_HELP: dict[str, str] = {
     "checkpoint directory. Default slices; must be empty with --init=scratch.",
     "dataset": "mni152 (the embedded demo), synthetic, msd:PATH (a Medical Segmentation Decathlon "
     "task folder) or folder:PATH (imagesTr/labelsTr NIfTI pairs).",
-    "workdir": "Run directory: checkpoints, metrics.csv, config.json, summary.json. A rerun with the "
+    "workdir": "Run directory: checkpoints, metrics.csv, tensorboard/, config.json, summary.json. A rerun with the "
     "same workdir resumes from the latest good checkpoint.",
     "cache_dir": "Where sources cache decoded / rendered volumes (default: $XDG_CACHE_HOME/acsjax, "
     "else ~/.cache/acsjax).",

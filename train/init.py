@@ -148,9 +148,11 @@ def train_slices(config: Config, build2d, source, mesh, workdir: Path, class_wei
         voxels_per_step=config.slices_batch * config.patch[1] * config.patch[2],
         csv_path=workdir / "slices_metrics.csv",
         start=0,
+        tensorboard=workdir / "tensorboard" / "slices",  # a second run beside the 3D one
     )
     iterator = pipeline.make_iterator(ds, config.workers)
     state, _ = trainer.fit(task, state, iterator, progress, start=0, stop=config.slices_steps, log_every=config.log_every)
+    progress.close()
     pure = nnx.state(trainer.eval_model(task, state)).to_pure_dict()
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(target, pure)

@@ -180,7 +180,7 @@ def write_plan(path: Path, config: Config, source, model, plan: dict | None) -> 
 def train_and_evaluate(config: Config) -> dict:
     """Trains and validates the run ``config`` describes and returns its summary.
 
-    Writes WORKDIR/plan.json, config.json, metrics.csv, checkpoints/,
+    Writes WORKDIR/plan.json, config.json, metrics.csv, tensorboard/, checkpoints/,
     summary.json and validation.png. A WORKDIR with checkpoints resumes from
     the newest good one. Raises ConfigError for bad settings, DataError for bad
     data files and NonFiniteLoss when training diverges (the checkpoints
@@ -239,7 +239,7 @@ def _run(config: Config) -> dict:
         return kind.validate(trainer.eval_model(task, state), val_src, config, final=final)
 
     progress = trainer.Progress(name="train", total=config.steps, voxels_per_step=config.batch * math.prod(config.patch),
-                                csv_path=workdir / "metrics.csv", start=start)
+                                csv_path=workdir / "metrics.csv", start=start, tensorboard=workdir / "tensorboard")
     try:
         state, result = trainer.fit(
             task, state, iterator, progress, start=start, stop=config.steps, log_every=config.log_every,
@@ -248,6 +248,7 @@ def _run(config: Config) -> dict:
         )
     except trainer.NonFiniteLoss as err:
         checkpoints.close()
+        progress.close()
         last = checkpoints.latest_step()
         kept = f"step {last} in {checkpoints.directory}" if last is not None else "none yet"
         raise trainer.NonFiniteLoss(f"{err}; training stopped. Last good checkpoint: {kept}. Try a lower --lr.") from None
@@ -264,9 +265,12 @@ def _run(config: Config) -> dict:
     )
     if jax.process_index() == 0:
         report.write_summary(str(workdir), summary)
-        kind.report(str(workdir), result, val_src, title=f"{config.model} init={config.init}")
+        figure = kind.report(str(workdir), result, val_src, title=f"{config.model} init={config.init}")
+        if figure is not None:
+            progress.image("val/overlay", figure, config.steps)
         _log(f"val_dice_mean {summary['val_dice_mean']:.4f} (threshold baseline "
              f"{summary['baseline_threshold_dice']}) in {summary['wall_s']:.0f}s; {workdir / report.SUMMARY}")
+    progress.close()
     return summary
 
 

@@ -13,7 +13,7 @@ holds those differences; the loop (:mod:`train.trainer`) and the run
 - ``validate(model, source, config, *, final) -> result``: a JSON-ready
   result with the task's ``score`` key (the metric checkpoints keep the best
   of and learning curves plot);
-- ``report(workdir, result, source, title)``: figures of a finished run.
+- ``report(workdir, result, source, title)``: figures of a finished run (returns the main one's path).
 
 ``TASKS`` names them; ``config.json`` records the task of a run, so
 ``train.predict`` rebuilds the same one.
@@ -58,10 +58,11 @@ class Segmentation:
             keep_predictions=1 if final else 0, max_cases=config.max_eval_cases,
         )
 
-    def report(self, workdir: str, result: dict, source, title: str) -> None:
+    def report(self, workdir: str, result: dict, source, title: str):
+        """Writes the run's figure; returns its path (or None)."""
         from train import report
 
-        report.plot_evaluation(workdir, result, source, title=title)
+        return report.plot_evaluation(workdir, result, source, title=title)
 
 
 SEGMENTATION = Segmentation()

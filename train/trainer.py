@@ -34,6 +34,7 @@ from jax.sharding import AxisType, NamedSharding
 import acsjax.ops
 
 from train import tasks
+from train import tensorboard as board_lib
 from train.checkpoint import Checkpoints
 from train.config import ConfigError, parse_mesh
 
@@ -241,11 +242,19 @@ def eval_model(task: Task, state: dict) -> nnx.Module:
 
 
 class Progress:
-    """Collects step metrics, checks them, prints progress lines and writes metrics.csv."""
+    """Collects step metrics, checks them, prints progress lines, writes metrics.csv and TensorBoard files.
+
+    With ``tensorboard`` (a run directory, see :mod:`train.tensorboard`) every
+    row also goes there as scalars ``train/<field>`` and ``val/dice_mean``,
+    validations add ``val/dice/<class name>``, and :meth:`image` adds figures.
+    Call :meth:`close` when the run is done.
+    """
 
     FIELDS = ("step", "loss", "dice", "ce", "dice_loss", "grad_norm", "lr", "voxels_per_s", "val_dice_mean", "wall_s")
+    TRAIN_SCALARS = ("loss", "dice", "ce", "dice_loss", "grad_norm", "lr", "voxels_per_s")
 
-    def __init__(self, *, name: str, total: int, voxels_per_step: int, csv_path: Path | None, start: int):
+    def __init__(self, *, name: str, total: int, voxels_per_step: int, csv_path: Path | None, start: int,
+                 tensorboard: Path | None = None):
         self.name, self.total, self.voxels = name, total, voxels_per_step
         self.csv_path = csv_path if jax.process_index() == 0 else None
         self.pending: list[tuple[int, dict]] = []
@@ -253,6 +262,7 @@ class Progress:
         self.tick_step = self.start = start
         if self.csv_path is not None:
             _truncate_csv(self.csv_path, start, self.FIELDS)
+        self.board = board_lib.Board(tensorboard, start=start) if tensorboard is not None else None
 
     def restart_clock(self, step: int) -> None:
         self.tick, self.tick_step = time.perf_counter(), step
@@ -287,6 +297,12 @@ class Progress:
         return row
 
     def write(self, row: dict) -> None:
+        """Appends ``row`` (a dict with ``step`` and some of ``FIELDS``) to metrics.csv and TensorBoard."""
+        if self.board is not None:
+            scalars = {f"train/{k}": row[k] for k in self.TRAIN_SCALARS if k in row}
+            scalars["val/dice_mean"] = row.get("val_dice_mean")
+            self.board.scalars(row["step"], scalars)
+            self.board.flush()  # as current on disk as metrics.csv
         if self.csv_path is None:
             return
         new = not self.csv_path.exists()
@@ -295,6 +311,24 @@ class Progress:
             if new:
                 writer.writeheader()
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+    def validation(self, step: int, result: dict) -> None:
+        """Logs an :func:`train.evaluate.evaluate` result: its mean, per-class Dice and threshold baseline."""
+        if self.board is not None:
+            scalars = {f"val/dice/{name}": dice for name, dice in result.get("val_dice", {}).items()}
+            scalars["val/baseline_threshold_dice"] = result.get("baseline_threshold_dice")  # None: not computed
+            self.board.scalars(step, scalars)
+        self.write({"step": step, "val_dice_mean": result["val_dice_mean"], "wall_s": self.elapsed()})
+
+    def image(self, tag: str, image, step: int) -> None:
+        """Adds a PNG file or an image array to TensorBoard (nothing without a TensorBoard directory)."""
+        if self.board is not None:
+            self.board.image(tag, image, step)
+            self.board.flush()
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
 
 def _truncate_csv(path: Path, start: int, fields) -> None:
@@ -334,7 +368,7 @@ def fit(task: Task, state, iterator, progress: Progress, *, start: int, stop: in
             result = validate(state, last)
             progress.restart_clock(step)  # keep validation time out of voxels/s
             score = task.kind.score
-            progress.write({"step": step, score: result[score], "wall_s": progress.elapsed()})
+            progress.validation(step, result)
             if jax.process_index() == 0:
                 print(f"{progress.name} step {step:>6}/{stop}  {score} {result[score]:.4f}", flush=True)
         if save_now:
