@@ -118,7 +118,7 @@ class ArraySource:
     """A source over in-memory images (N, H, W[, C]) and labels (N,)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], *, size=None,
-                 name: str = "arrays"):
+                 name: str = "arrays", mirror_invariant: bool = True):
         if len(images) != len(labels):
             raise ValueError(f"{name}: {len(images)} images but {len(labels)} labels")
         self.images, self.labels = images, np.asarray(labels, np.int64)
@@ -126,6 +126,8 @@ class ArraySource:
         self.num_classes = len(self.class_names)
         self.size = _size2(size)
         self.name = name
+        # Whether a left-right mirror image keeps its class (not for digits).
+        self.mirror_invariant = bool(mirror_invariant)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -154,7 +156,7 @@ def digits_source(split: str = "train", *, size=None) -> ArraySource:
     data = load_digits()
     keep = _builtin_split(len(data.target), split)
     return ArraySource(data.images[keep] / 16.0, data.target[keep], [str(i) for i in range(10)], size=size,
-                       name=f"digits[{split}]")
+                       name=f"digits[{split}]", mirror_invariant=False)
 
 
 def lfw_source(split: str = "train", *, size=None) -> ArraySource:
@@ -237,6 +239,7 @@ class FolderImageSource:
         self.class_names = tuple(classes)
         self.num_classes = len(classes)
         self.size = _size2(size)
+        self.mirror_invariant = True  # natural images, as ImageNet training assumes
 
     def __len__(self) -> int:
         return len(self.files)
@@ -268,8 +271,8 @@ class Augment2D:
     """Label-preserving 2D augmentations applied before the VDT reformulation.
 
     Attributes:
-      flip: mirror left-right with probability 1/2 (safe for natural images;
-        switch off for digits, where it is not label-preserving for all classes).
+      flip: mirror left-right with probability 1/2 (label-preserving for
+        natural images and faces, not for digits).
       shift: largest translation as a fraction of the size (edge-padded).
     """
 
@@ -314,7 +317,8 @@ def vdt_dataset(source, *, size, batch: int, seed: int, augment: bool | Augment2
       size: in-plane (H, W) or one int; images of another size are resized.
       batch: images per batch (per process when sharded).
       seed: determines the order, the augmentations and the slice orders.
-      augment: True for :class:`Augment2D` defaults, False for none, or settings.
+      augment: True for :class:`Augment2D` defaults (with flips only where
+        the source's ``mirror_invariant`` allows), False for none, or settings.
       shard_index, shard_count, num_epochs, threads, prefetch: as for
         :func:`train.data.pipeline.patch_dataset`.
 
@@ -325,7 +329,8 @@ def vdt_dataset(source, *, size, batch: int, seed: int, augment: bool | Augment2
     if size is None:
         raise ValueError("size is required: batches need one in-plane size")
     if augment is True:
-        augment = Augment2D()
+        # A source says whether mirroring keeps the class (digits: no).
+        augment = Augment2D(flip=getattr(source, "mirror_invariant", True))
     elif augment is False:
         augment = None
     elif not isinstance(augment, Augment2D):

@@ -63,6 +63,13 @@ Files (``write_dataset``), one class integer per case:
 
 Names are ``tr_NNNN`` and ``va_NNNN``; they do not reveal the class.
 
+Augmentation must respect the classes: a flip along depth (axis 0) keeps
+the class, a flip along height (axis 1, anterior-posterior) swaps anterior
+and posterior, a flip along width (axis 2, left-right) swaps left and right
+(``FLIP_CLASSES[axis][c]`` is the class after the flip), and in-plane
+rotations by 90 degrees turn a lateral cube into a midline one, so they are
+not label-preserving here.
+
 ``python -m train.data.regions --out DIR`` writes the data set and prints the
 split and the two baselines.
 """
@@ -83,6 +90,8 @@ from train.data import mni152, nifti, render
 
 CLASS_NAMES = ("left", "right", "anterior", "posterior")
 SPACING = 2.0
+# FLIP_CLASSES[axis][c]: the class of a class-c cube mirrored along (d, h, w) axis.
+FLIP_CLASSES = {0: (0, 1, 2, 3), 1: (0, 1, 3, 2), 2: (1, 0, 2, 3)}
 SPLITS_FILE = "splits_final.json"
 LABELS_CSV = "labels.csv"
 # Distinct random streams: validation cases never depend on the training seed.
