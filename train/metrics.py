@@ -202,3 +202,165 @@ def threshold_baseline_dice(
     score, per_class, m, order = best
     chosen = tuple(float(thresholds[i - 1]) for i in inner[m])
     return ThresholdBaseline(score, tuple(float(d) for d in per_class), chosen, tuple(int(c) for c in order), reduction)
+
+
+# --------------------------------------------------------------------------
+# Classification: one integer class per case.
+
+
+def _class_vector(values, num_classes: int, name: str) -> np.ndarray:
+    values = np.asarray(values)
+    if values.ndim != 1:
+        raise ValueError(f"{name} must be one class per case (1-D), got shape {values.shape}")
+    values = values.astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() >= num_classes):
+        raise ValueError(f"{name} values must lie in [0, {num_classes})")
+    return values
+
+
+def accuracy(pred, label) -> float:
+    """Share of cases whose predicted class equals the true class (nan when empty)."""
+    pred, label = np.asarray(pred).ravel(), np.asarray(label).ravel()
+    if pred.shape != label.shape:
+        raise ValueError(f"pred has {pred.size} cases, label {label.size}")
+    return float(np.mean(pred == label)) if label.size else float("nan")
+
+
+def classification_confusion(pred, label, num_classes: int) -> np.ndarray:
+    """Counts (num_classes, num_classes) of cases: rows true class, columns predicted."""
+    return confusion_matrix(
+        _class_vector(pred, num_classes, "pred"), _class_vector(label, num_classes, "label"), num_classes
+    )
+
+
+def balanced_accuracy(pred, label, num_classes: int) -> float:
+    """Mean per-class recall over the classes present in `label` (nan when empty).
+
+    Classes absent from `label` have no recall and are left out (as
+    scikit-learn's `balanced_accuracy_score` does), so a class the validation
+    set lacks neither helps nor hurts.
+    """
+    confusion = classification_confusion(pred, label, num_classes)
+    support = confusion.sum(1)
+    present = support > 0
+    if not present.any():
+        return float("nan")
+    return float(np.mean(np.diagonal(confusion)[present] / support[present]))
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of `x`, tied values sharing the mean of their ranks."""
+    order = np.argsort(x, kind="stable")
+    sorted_x = x[order]
+    # Start of each run of equal values, and the mean rank of the run.
+    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
+    ends = np.r_[starts[1:], x.size]
+    run_rank = (starts + 1 + ends) / 2.0  # mean of ranks starts+1 .. ends
+    ranks = np.empty(x.size, np.float64)
+    ranks[order] = np.repeat(run_rank, ends - starts)
+    return ranks
+
+
+def binary_auc(score, positive) -> float:
+    """ROC AUC of `score` for the boolean `positive` by the rank (Mann-Whitney) statistic.
+
+    Ties count one half. Returns nan when either class is empty.
+    """
+    score = np.asarray(score, np.float64).ravel()
+    positive = np.asarray(positive, bool).ravel()
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    rank_sum = _average_ranks(score)[positive].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def per_class_auc(probabilities, label, num_classes: int) -> np.ndarray:
+    """One-vs-rest ROC AUC per class (num_classes,); nan for a class absent from
+    `label` or the only class in it."""
+    probabilities = np.asarray(probabilities, np.float64)
+    label = _class_vector(label, num_classes, "label")
+    if probabilities.shape != (label.size, num_classes):
+        raise ValueError(f"probabilities must have shape ({label.size}, {num_classes}), got {probabilities.shape}")
+    return np.array([binary_auc(probabilities[:, k], label == k) for k in range(num_classes)])
+
+
+def macro_auc(probabilities, label, num_classes: int) -> float:
+    """Macro one-vs-rest ROC AUC over the classes where it is defined; nan if none.
+
+    Args:
+      probabilities: (N, num_classes) scores per class (probabilities or
+        logits: only their order within a column matters).
+      label: (N,) true classes.
+    """
+    auc = per_class_auc(probabilities, label, num_classes)
+    defined = ~np.isnan(auc)
+    return float(auc[defined].mean()) if defined.any() else float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassificationBaselines:
+    """Validation accuracy of two classifiers that see no spatial structure.
+
+    Attributes:
+      majority: predicting the most frequent training class for every case.
+      histogram: the better (on validation, so optimistic) of a nearest-centroid
+        and a 5-nearest-neighbour classifier on each image's global intensity
+        histogram.
+      histogram_method: 'centroid' or 'knn5', the one reported.
+      chance: 1 / number of classes seen in training.
+    """
+
+    majority: float
+    histogram: float
+    histogram_method: str
+    chance: float
+
+
+def intensity_histograms(images, edges) -> np.ndarray:
+    """(N, len(edges) + 1) share of each image's voxels in each intensity bin."""
+    out = []
+    for image in images:
+        bins = np.searchsorted(edges, np.asarray(image, np.float32).ravel(), side="right")
+        out.append(np.bincount(bins, minlength=len(edges) + 1) / max(bins.size, 1))
+    return np.stack(out)
+
+
+def baseline_accuracy(train_images, train_labels, val_images, val_labels, *, num_bins: int = 32) -> ClassificationBaselines:
+    """Majority-class and global-histogram baselines for a classification task.
+
+    The histogram bins are `num_bins` quantile bins of the pooled training
+    intensities; features are standardised on the training set. A network
+    whose validation accuracy does not clearly beat `histogram` has learned
+    nothing that the intensity distribution alone does not give.
+    """
+    train_labels = np.asarray(train_labels, np.int64).ravel()
+    val_labels = np.asarray(val_labels, np.int64).ravel()
+    if len(train_images) != train_labels.size or len(val_images) != val_labels.size or not train_labels.size:
+        raise ValueError(
+            f"need one label per image and training cases: {len(train_images)} training images, "
+            f"{train_labels.size} labels; {len(val_images)} validation images, {val_labels.size} labels"
+        )
+    classes, counts = np.unique(train_labels, return_counts=True)
+    majority = accuracy(np.full(val_labels.size, classes[np.argmax(counts)]), val_labels)
+
+    pooled = np.concatenate([np.asarray(x, np.float32).ravel() for x in train_images])
+    pooled = pooled[:: max(1, pooled.size // 2_000_000)]
+    edges = np.unique(np.quantile(pooled, np.linspace(0, 1, num_bins + 1)[1:-1]))
+    train_x = intensity_histograms(train_images, edges)
+    val_x = intensity_histograms(val_images, edges)
+    mean, std = train_x.mean(0), train_x.std(0)
+    std = np.where(std > 0, std, 1.0)
+    train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
+
+    centroids = np.stack([train_x[train_labels == c].mean(0) for c in classes])
+    dist = ((val_x[:, None, :] - centroids[None]) ** 2).sum(-1)
+    scores = {"centroid": accuracy(classes[np.argmin(dist, 1)], val_labels)}
+    dist = ((val_x[:, None, :] - train_x[None]) ** 2).sum(-1)
+    k = min(5, train_labels.size)
+    nearest = train_labels[np.argsort(dist, axis=1, kind="stable")[:, :k]]
+    votes = np.stack([(nearest == c).sum(1) for c in classes], 1)
+    scores["knn5"] = accuracy(classes[np.argmax(votes, 1)], val_labels)
+    method = max(scores, key=scores.get)
+    return ClassificationBaselines(float(majority), float(scores[method]), method, 1.0 / classes.size)

@@ -247,3 +247,49 @@ def plot_evaluation(workdir: str, evaluation: Mapping[str, Any], cases, *, index
         spacing=case.get("spacing", (1.0, 1.0, 1.0)),
         title=title,
     )
+
+
+def plot_confusion(path: str, confusion, class_names: Sequence[str], title: str = "") -> str:
+    """Writes a PNG of a classification confusion matrix; returns ``path``.
+
+    Rows are true classes, columns predicted ones (as
+    :func:`train.metrics.classification_confusion` counts them). Each cell shows
+    its count and its share of the row (the class's recall on the diagonal);
+    the colour is that share, so rare classes are as readable as common ones.
+    """
+    confusion = np.asarray(confusion)
+    k = len(class_names)
+    if confusion.shape != (k, k):
+        raise ValueError(f"plot_confusion: confusion has shape {confusion.shape}, expected ({k}, {k}) "
+                         f"for {k} class names")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = confusion.sum(1, keepdims=True)
+    share = confusion / np.maximum(rows, 1)
+    size = float(np.clip(1.0 + 0.7 * k, 3.5, 12.0))
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
+    ax.set_xticks(range(k), labels=list(class_names), rotation=45, ha="right")
+    ax.set_yticks(range(k), labels=list(class_names))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= 20:  # beyond that the numbers are unreadable anyway
+        for i in range(k):
+            for j in range(k):
+                dark = share[i, j] > 0.6
+                ax.text(j, i, f"{int(confusion[i, j])}\n{share[i, j]:.0%}", ha="center", va="center",
+                        fontsize=8, color="white" if dark else "black")
+    total = int(confusion.sum())
+    correct = int(np.trace(confusion))
+    lines = [title] if title else []
+    lines.append(f"accuracy {correct / max(total, 1):.3f} ({correct}/{total})")
+    ax.set_title("\n".join(lines), fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
