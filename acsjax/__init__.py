@@ -16,7 +16,7 @@ from acsjax.inflate import (
 )
 from acsjax.inference import gaussian_importance_map, sliding_window_inference
 from acsjax.layers import Conv
-from acsjax.ops import acs_conv, acs_kernel_split, conv
+from acsjax.ops import acs_conv, acs_kernel_split, conv, soft_acs_conv
 from acsjax.trees import assert_fits
 
 __version__ = "0.1.0"
@@ -38,4 +38,5 @@ __all__ = [
     "inflate_params",
     "project_params",
     "sliding_window_inference",
+    "soft_acs_conv",
 ]

@@ -20,7 +20,12 @@ average    1 / T                                   I3D, boring-volume exact
 scale      alpha_t > 0, sum alpha = 1              boring-volume exact
 2.5d       T = 1, w = (1,)                         (1, kh, kw) kernels
 acs        kernel kept 2D (ACS layers use it)      see :func:`acs_to_3d`
+soft_acs   kernel kept 2D (SoftACS layers use it)  see :func:`acs_to_3d`
 =========  =====================================  ==========================
+
+A SoftACS layer also has ``view_logits`` (cout, 3), its per-channel mixing of
+the three planes. A 2D model has no counterpart, so 'soft_acs' inflation does
+not produce them: the model keeps its own (zero, equal-mixing) initial logits.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from acsjax.ops import ACS_GROUPS, acs_kernel_split, plane_kernel_3d
+from acsjax.ops import ACS_GROUPS, acs_kernel_split, plane_kernel_3d, soft_acs_kernel_3d
 from acsjax.trees import leaf_name, path_str
 
 PLANES = {"axial": 0, "coronal": 1, "sagittal": 2}
@@ -99,12 +104,14 @@ _TAP_WEIGHTS: dict[str, Callable[[int, Any, Any, str], np.ndarray]] = {
     "2.5d": lambda depth, alphas, position, path: np.ones(1),
 }
 _ALIASES = {"zero": "center", "i3d": "average"}
-METHODS = ("center", "zero", "average", "scale", "2.5d", "acs")
+# Methods that keep kernels 2D: ACS-type models apply them on the three planes.
+_KEEP_2D = ("acs", "soft_acs")
+METHODS = ("center", "zero", "average", "scale", "2.5d", *_KEEP_2D)
 
 
 def _canonical_method(method: str) -> str:
     name = _ALIASES.get(method, method)
-    if name not in _TAP_WEIGHTS and name != "acs":
+    if name not in _TAP_WEIGHTS and name not in _KEEP_2D:
         raise ValueError(f"unknown inflation method {method!r}; choose one of {', '.join(METHODS)}")
     return name
 
@@ -124,7 +131,7 @@ def inflate_kernel(
     plane: str = "axial",
     path: str = "kernel",
 ) -> jax.Array:
-    """Inflates one HWIO kernel to DHWIO (or keeps it 2D for ``method='acs'``).
+    """Inflates one HWIO kernel to DHWIO (or keeps it 2D for 'acs' and 'soft_acs').
 
     ``depth`` defaults to the kernel's own height, so 3x3 becomes 3x3x3 and 1x1
     stays 1x1x1. ``plane`` names where the 2D kernel lies: 'axial' puts its
@@ -133,7 +140,7 @@ def inflate_kernel(
     """
     _check_2d_kernel(kernel, path)
     method = _canonical_method(method)
-    if method == "acs":
+    if method in _KEEP_2D:
         return kernel
     if plane not in PLANES:
         raise ValueError(f"{path}: unknown plane {plane!r}; choose one of {', '.join(PLANES)}")
@@ -180,7 +187,9 @@ def inflate_params(
     Args:
       params: any pytree of arrays: ``nnx.state(model)``, a nested dict, or
         Linen variables ``{'params': ...}``. Its structure is preserved.
-      method: 'center' (alias 'zero'), 'average', 'scale', '2.5d' or 'acs'.
+      method: 'center' (alias 'zero'), 'average', 'scale', '2.5d', 'acs' or
+        'soft_acs' (both keep kernels 2D; a SoftACS model supplies its own
+        ``view_logits``, which stay at their initialisation under ``nnx.update``).
       depth: taps along the new axis; default the kernel's own height.
       alphas: for 'scale', a vector of positive weights summing to 1, or a
         profile name from ``ALPHA_PROFILES`` (default 'triangular').
@@ -240,17 +249,54 @@ def acs_kernel_to_3d(kernel: jax.Array, path: str = "kernel") -> jax.Array:
     return jnp.concatenate(groups, axis=-1)
 
 
-def acs_to_3d(params: Any) -> Any:
-    """Materialises an ACS parameter tree as the equivalent full 3D tree.
+VIEW_LOGITS = "view_logits"
 
-    Each 2D kernel becomes a cubic kernel that is zero off its output group's
-    plane, so a ``dims=3`` model with these parameters computes exactly what
-    the ACS model did and can continue training with full 3D kernels.
+
+def acs_to_3d(params: Any) -> Any:
+    """Materialises an ACS or SoftACS parameter tree as the equivalent full 3D tree.
+
+    ACS: each 2D kernel becomes a cubic kernel that is zero off its output
+    group's plane. SoftACS (a ``kernel`` leaf with a sibling ``view_logits``
+    leaf): the kernel becomes the exact cubic kernel of
+    :func:`acsjax.ops.soft_acs_kernel_3d` (each output channel's three plane
+    placements mixed by ``softmax(view_logits)``) and the ``view_logits`` leaf
+    is removed. Either way a ``dims=3`` model with the result computes exactly
+    what the ACS / SoftACS model did and can continue training with full 3D
+    kernels. Works on NNX ``State``, nested dicts and Linen variables.
     """
-    return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: acs_kernel_to_3d(leaf, path_str(path)) if _is_conv_kernel(path, leaf) else leaf,
-        params,
-    )
+    leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+    # Parent path ('' at the top level) -> the view logits of the kernel beside them.
+    logits = {path_str(p).rpartition("/")[0]: leaf for p, leaf in leaves if leaf_name(p) == VIEW_LOGITS}
+    used: set[str] = set()
+
+    def visit(path, leaf):
+        if not _is_conv_kernel(path, leaf):
+            return leaf
+        name = path_str(path)
+        parent = name.rpartition("/")[0]
+        if parent in logits:
+            used.add(parent)
+            try:
+                return soft_acs_kernel_3d(leaf, logits[parent])
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
+        return acs_kernel_to_3d(leaf, name)
+
+    out = jax.tree_util.tree_map_with_path(visit, params)
+    orphans = sorted(set(logits) - used)
+    if orphans:
+        first = f"{orphans[0]}/{VIEW_LOGITS}" if orphans[0] else VIEW_LOGITS
+        raise ValueError(f"{first}: view_logits without a sibling 2-D kernel; is this tree already 3-D?")
+    return _drop_entries(out, VIEW_LOGITS) if logits else out
+
+
+def _drop_entries(tree: Any, name: str) -> Any:
+    """``tree`` without the entries called ``name`` in its mappings (NNX State, dicts, FrozenDicts)."""
+    if isinstance(tree, Mapping):
+        return type(tree)({k: _drop_entries(v, name) for k, v in tree.items() if str(k) != name})
+    if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):  # not a NamedTuple
+        return type(tree)(_drop_entries(v, name) for v in tree)
+    return tree
 
 
 def project_params(params: Any, plane: str = "axial") -> Any:

@@ -1,4 +1,4 @@
-"""Flax NNX layers that know their dimensionality: 2, 3, 'acs' or '2.5d'.
+"""Flax NNX layers that know their dimensionality: 2, 3, 'acs', 'soft_acs' or '2.5d'.
 
 The parameter names and shapes are exactly what :func:`acsjax.inflate_params`
 produces from the 2D layer, so a 2D model's state inflates into a 3D model of
@@ -11,7 +11,13 @@ dims         input                   kernel
 3            (N, D, H, W, C)         (k, k, k, cin, cout)
 '2.5d'       (N, D, H, W, C)         (1, k, k, cin, cout)
 'acs'        (N, D, H, W, C)         (k, k, cin, cout), see acs_conv
+'soft_acs'   (N, D, H, W, C)         (k, k, cin, cout) and view_logits
+                                     (cout, 3), see soft_acs_conv
 ===========  ======================  ===============================
+
+A ``'soft_acs'`` layer also holds ``view_logits``, which a 2D model does not
+have: ``nnx.update`` with an inflated 2D state leaves them at their
+initialisation.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from flax import nnx
 
 from acsjax import ops
 
-DIMS = (2, 3, "acs", "2.5d")
+DIMS = (2, 3, "acs", "soft_acs", "2.5d")
+# dims whose layers keep 2D kernels and apply them on the three planes of a volume.
+ACS_DIMS = ("acs", "soft_acs")
 _default_kernel_init = jax.nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
 _TRUNCATED_STD = 0.87962566103423978  # std of a standard normal truncated to [-2, 2]
 
@@ -70,7 +78,7 @@ def kernel_shape(dims, kernel_size: int, in_features: int, out_features: int) ->
     """The kernel shape a ``dims`` convolution stores (see the module table)."""
     check_dims(dims)
     k = kernel_size
-    if dims in (2, "acs"):
+    if dims == 2 or dims in ACS_DIMS:
         return (k, k, in_features, out_features)
     if dims == "2.5d":
         return (1, k, k, in_features, out_features)
@@ -84,6 +92,17 @@ class Conv(nnx.Module):
     usual choice); ``padding_mode='edge'`` replicates borders instead. For
     ``dims='2.5d'`` the depth axis is never padded. Parameters are stored in
     ``param_dtype``; the convolution runs in ``dtype`` (e.g. bfloat16).
+
+    ``dims='soft_acs'`` adds the parameter ``view_logits`` (out_features, 3),
+    the per-channel mixing logits of the axial, coronal and sagittal views
+    (:func:`acsjax.ops.soft_acs_conv`), initialised to zeros. ACSConv's
+    ``SoftACSConv`` draws them with ``torch.rand`` (uniform in [0, 1)) from
+    PyTorch's global random state, outside any seed the model is given, so two
+    runs start from different mixings and cannot be reproduced, and each
+    channel starts with a random preference for some plane that the 2D weights
+    give no reason for. Zeros mean equal mixing: an inflated network starts as
+    the mean of its three planes, deterministically; training moves the
+    logits where the data asks.
     """
 
     def __init__(
@@ -117,13 +136,24 @@ class Conv(nnx.Module):
         shape = kernel_shape(dims, kernel_size, in_features // groups, out_features)
         self.kernel = nnx.Param(_init_kernel(kernel_init, rngs.params(), shape, param_dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+        if dims == "soft_acs":
+            self.view_logits = nnx.Param(jnp.zeros((out_features, 3), param_dtype))
+
+    def convolve(self, x: jax.Array, kernel: jax.Array, **options) -> jax.Array:
+        """The ``dims`` convolution of ``x`` with ``kernel`` (no bias); ``options`` go to the ops function."""
+        if self.dims == "acs":
+            return ops.acs_conv(x, kernel, **options)
+        if self.dims == "soft_acs":
+            return ops.soft_acs_conv(x, kernel, self.view_logits[...], **options)
+        return ops.conv(x, kernel, **options)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
         kernel = self.kernel[...].astype(dtype)
-        fn = ops.acs_conv if self.dims == "acs" else ops.conv
-        y = fn(x, kernel, strides=self.strides, padding=self.padding, padding_mode=self.padding_mode, groups=self.groups)
+        y = self.convolve(
+            x, kernel, strides=self.strides, padding=self.padding, padding_mode=self.padding_mode, groups=self.groups
+        )
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y

@@ -13,6 +13,11 @@ Its output has the shape of a 3D convolution with a cubic kernel of size ``k``
 and equals one exactly when the 2D kernel is placed at index ``k // 2`` of the
 missing axis (see :func:`acsjax.acs_to_3d`).
 
+The soft ACS convolution (ACSConv's ``SoftACSConv``, GaNDLF's default ACS
+converter) applies the whole 2D kernel on all three planes and mixes the three
+outputs per output channel with ``softmax(view_logits)``; see
+:func:`soft_acs_conv`.
+
 Lowerings. Every convolution takes ``impl``: ``'xla'`` is the plain
 ``lax.conv_general_dilated`` (the reference); ``'gemm'`` uses the matrix-product
 lowerings of :mod:`acsjax.lowering` where they apply (groups 1 or depthwise,
@@ -315,3 +320,66 @@ def acs_conv(
         )
         start += size
     return jnp.concatenate(outputs, axis=-1)
+
+
+def soft_acs_kernel_3d(kernel: jax.Array, view_logits: jax.Array) -> jax.Array:
+    """The cubic DHWIO kernel a soft ACS convolution computes.
+
+    ``W3 = sum_v softmax(view_logits)[:, v] * plane_kernel_3d(kernel, missing_v, k, k // 2)``
+    over the views v = axial, coronal, sagittal (:data:`ACS_GROUPS`): output
+    channel o mixes the three placements of its 2D kernel with the weights
+    ``softmax(view_logits[o])``. ``kernel`` is ``(k, k, cin, cout)`` and
+    ``view_logits`` ``(cout, 3)``; the softmax runs in float32.
+    """
+    if kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1]:
+        raise ValueError(f"soft_acs: kernel must be a square 2-D HWIO kernel, got shape {kernel.shape}")
+    cout = kernel.shape[-1]
+    if tuple(view_logits.shape) != (cout, 3):
+        raise ValueError(
+            f"soft_acs: view_logits has shape {tuple(view_logits.shape)}, the kernel {kernel.shape} needs ({cout}, 3)"
+        )
+    k = kernel.shape[0]
+    weights = jax.nn.softmax(view_logits.astype(jnp.float32), axis=-1)
+    dtype = jnp.promote_types(kernel.dtype, jnp.float32)
+    return sum(
+        plane_kernel_3d(kernel.astype(dtype), missing, k, k // 2) * weights[:, v]
+        for v, (_, missing) in enumerate(ACS_GROUPS)
+    )
+
+
+def soft_acs_conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    view_logits: jax.Array,
+    *,
+    strides: int | Sequence[int] = 1,
+    padding: Padding = 0,
+    padding_mode: str = "zeros",
+    groups: int = 1,
+    precision=None,
+    impl: str | None = None,
+) -> jax.Array:
+    """Soft ACS convolution of a volume ``(N, D, H, W, C)`` with a 2D kernel ``(k, k, cin // groups, cout)``.
+
+    Every output channel is computed on all three planes with the whole 2D
+    kernel, axial ``(1, k, k)``, coronal ``(k, 1, k)`` and sagittal
+    ``(k, k, 1)`` (the single tap at index ``k // 2`` of the missing axis, as in
+    :func:`acs_conv`), and the three results are mixed with
+    ``softmax(view_logits, -1)``, ``view_logits`` of shape ``(cout, 3)`` in that
+    view order. This is ACSConv's ``SoftACSConv`` (its ``soft_w_core`` are the
+    logits). The output shape equals a 3D convolution with a ``(k, k, k)``
+    kernel and the same strides and padding.
+
+    Being linear in the kernel, it is computed exactly as one 3D convolution
+    with the cubic kernel :func:`soft_acs_kernel_3d` (one 3D convolution's
+    cost, through :func:`conv` and its ``impl`` choice); gradients reach both
+    ``kernel`` and ``view_logits``. ``groups`` works as for :func:`conv`
+    (1 and depthwise included).
+    """
+    if x.ndim != 5:
+        raise ValueError(f"soft_acs_conv: input must be NDHWC, got shape {x.shape}")
+    cubic = soft_acs_kernel_3d(kernel, view_logits).astype(kernel.dtype)
+    return conv(
+        x, cubic, strides=strides, padding=padding, padding_mode=padding_mode, groups=groups,
+        precision=precision, impl=impl,
+    )

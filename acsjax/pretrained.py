@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from acsjax.inflate import adapt_input_channels, inflate_params
+from acsjax.inflate import VIEW_LOGITS, adapt_input_channels, inflate_params
 from acsjax.layers import check_dims
 from acsjax.models import EfficientNetLite, EfficientNetUNet, ResNet, ResNetUNet
 from acsjax.statedict import load_state_dict
@@ -267,7 +267,7 @@ def load_encoder(model2d: nnx.Module, source, *, adapt: str = "sum") -> nnx.Modu
     )
 
 
-_INIT_FOR_DIMS = {"acs": "acs", "2.5d": "2.5d"}
+_INIT_FOR_DIMS = {"acs": "acs", "soft_acs": "soft_acs", "2.5d": "2.5d"}
 
 
 def efficientnet_lite0(
@@ -284,14 +284,15 @@ def efficientnet_lite0(
     ``model(x)`` on (N, H, W, 3) images (or (N, D, H, W, 3) volumes) in [0, 1]
     normalised by :func:`imagenet_normalize` gives ImageNet logits. For
     ``dims=3`` the 2D weights are inflated with ``init`` ('average', 'center',
-    'scale', ...); ``dims='acs'`` and ``'2.5d'`` use their own transform. With
+    'scale', ...); ``dims='acs'``, ``'soft_acs'`` (view logits at zero: equal
+    mixing of the planes) and ``'2.5d'`` use their own transform. With
     ``num_classes != 1000`` the ``fc`` head keeps a fresh initialisation.
     ``options`` go to :class:`EfficientNetLite` (e.g. ``pool_depth``, ``remat``, ``dtype``).
     """
     check_dims(dims)
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     kw = dict(in_channels=in_channels, num_classes=num_classes, **options)
-    if dims == 3 and init in ("acs", "2.5d"):
+    if dims == 3 and init in ("acs", "soft_acs", "2.5d"):
         raise ValueError(f"efficientnet_lite0: init={init!r} needs dims={init!r}, not dims=3")
     # Every variable comes from the checkpoint unless the head or a dropout stream
     # needs initialising, so build abstractly and skip the (slow) random initialisers.
@@ -307,6 +308,10 @@ def efficientnet_lite0(
         # One compiled program instead of one small eager computation per kernel.
         inflate = jax.jit(lambda state: inflate_params(state, method))
         nnx.update(model, inflate(nnx.state(model2d)))
+        if dims == "soft_acs":
+            # The view logits have no 2D counterpart: zeros, as the layer initialises them.
+            logits = nnx.state(model, nnx.PathContains(VIEW_LOGITS))
+            nnx.update(model, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), logits))
     model.eval()
     return model
 

@@ -308,7 +308,7 @@ def test_tree_that_does_not_fit_the_target_model():
 
 
 def test_conv_layer_rejects_unknown_dims():
-    with pytest.raises(ValueError, match=r"dims must be one of \(2, 3, 'acs', '2.5d'\), got 4"):
+    with pytest.raises(ValueError, match=r"dims must be one of \(2, 3, 'acs', 'soft_acs', '2.5d'\), got 4"):
         acsjax.Conv(1, 1, 3, dims=4, rngs=nnx.Rngs(0))
 
 

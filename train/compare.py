@@ -1,6 +1,6 @@
 """Compare initialisations on the same data, seeds and step budget.
 
-  python -m train.compare --inits=scratch,center,average,scale,acs,2.5d --pretrained=slices --seeds=0,1 --out=runs/compare
+  python -m train.compare --inits=scratch,center,average,scale,acs,soft_acs,2.5d --pretrained=slices --seeds=0,1 --out=runs/compare
 
 Each variant (init x 2D source x seed) is a full ``train.trainer`` run in
 OUT/<init>-<source>/seed<k> (rerunning resumes or reuses finished runs). The
@@ -171,7 +171,7 @@ def base_config(preset: str, *, steps: int = 0, model: str = "", class_weights: 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--inits", default="scratch,center,average,scale,acs,2.5d")
+    parser.add_argument("--inits", default="scratch,center,average,scale,acs,soft_acs,2.5d")
     parser.add_argument("--pretrained", default="slices", help="2D sources for the inflating inits, comma-separated")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--preset", default="demo")

@@ -17,7 +17,7 @@ import json
 import os
 from typing import Any
 
-INITS = ("scratch", "center", "average", "scale", "acs", "2.5d")
+INITS = ("scratch", "center", "average", "scale", "acs", "soft_acs", "2.5d")
 # Datasets whose presets are tuned by hand; every other dataset is planned from its data (see apply_plan).
 BUILTIN_DATASETS = ("mni152", "synthetic")
 PLAN_MODES = ("auto", "off")
@@ -26,8 +26,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 # acsjax.ops.CONV_IMPLS, spelled out so that flags parse without importing JAX (a test keeps them equal).
 CONV_IMPLS = ("auto", "xla", "gemm")
 # The model dims each --init trains: inflating methods produce full 3D
-# kernels; 'acs' keeps 2D kernels applied on three planes; '2.5d' uses (1, k, k).
-INIT_DIMS = {"scratch": 3, "center": 3, "average": 3, "scale": 3, "acs": "acs", "2.5d": "2.5d"}
+# kernels; 'acs' keeps 2D kernels applied on three planes, 'soft_acs' too with a
+# learnt per-channel mixing of the planes; '2.5d' uses (1, k, k).
+INIT_DIMS = {"scratch": 3, "center": 3, "average": 3, "scale": 3, "acs": "acs", "soft_acs": "soft_acs", "2.5d": "2.5d"}
 
 
 class ConfigError(ValueError):
@@ -89,7 +90,7 @@ class Config:
 
     @property
     def dims(self):
-        """Model dims trained by this run (3, 'acs' or '2.5d'), from ``init``."""
+        """Model dims trained by this run (3, 'acs', 'soft_acs' or '2.5d'), from ``init``."""
         return INIT_DIMS[self.init]
 
     @property
@@ -182,8 +183,9 @@ PRESETS: dict[str, Config] = {
 
 FLAG_HELP: dict[str, str] = {
     "init": "How the 3D model starts: scratch (random 3D), or inflated from a 2D source with center, "
-    "average or scale (full 3D kernels), acs (ACS convolutions, 2D kernels on three planes) or 2.5d "
-    "((1, k, k) kernels).",
+    "average or scale (full 3D kernels), acs (ACS convolutions, 2D kernels on three planes), soft_acs "
+    "(SoftACS: every 2D kernel on all three planes, mixed per channel by learnt weights that start equal) "
+    "or 2.5d ((1, k, k) kernels).",
     "pretrained": "The 2D source for an inflating --init: slices (train the 2D twin on 2D slices of "
     "the training volumes first), imagenet (the shipped EfficientNet-Lite0 encoder; needs "
     "--model=efficientnet_lite0_unet) or a PATH to a .safetensors/.pth file or an Orbax 2D "

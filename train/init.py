@@ -180,6 +180,8 @@ def initialize(config: Config, task, state: dict, source, workdir: Path) -> dict
     flat = inflate_2d(config, load_2d(config, build2d, source, task.mesh, workdir, task.class_weights))
     target = {"params": task.abstract_state["params"], "model_state": task.abstract_state["model_state"]}
     wanted = {**flatten(target["params"]), **flatten(target["model_state"])}
+    # SoftACS view logits have no 2D counterpart: they start as the layer initialises them (zeros, equal mixing).
+    flat.update({p: np.zeros(s.shape, s.dtype) for p, s in wanted.items() if p.endswith("view_logits") and p not in flat})
     try:
         acsjax.assert_fits(flat, wanted, what=f"the 2D source {config.pretrained_source!r}")
     except ValueError as err:

@@ -1,4 +1,4 @@
-"""Models that build for dims 2, 3, 'acs' and '2.5d' from one definition.
+"""Models that build for dims 2, 3, 'acs', 'soft_acs' and '2.5d' from one definition.
 
 A 2D model's ``nnx.state`` inflates into the 3D / ACS / 2.5D model of the same
 name and options::
@@ -53,7 +53,7 @@ def model_options(name: str) -> tuple[str, ...]:
 
 
 def build_model(name: str, *, dims, in_channels: int, num_classes: int, rngs: nnx.Rngs, **options) -> nnx.Module:
-    """Builds the model called ``name`` (one of ``MODELS``) for ``dims`` 2, 3, 'acs' or '2.5d'.
+    """Builds the model called ``name`` (one of ``MODELS``) for ``dims`` 2, 3, 'acs', 'soft_acs' or '2.5d'.
 
     Classifiers ('resnet18', 'resnet34', 'resnet50', 'efficientnet_lite0') return
     logits (N, num_classes); segmentation models ('unet', '*_unet') return

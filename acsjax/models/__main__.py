@@ -1,4 +1,4 @@
-"""Prints the parameter count of every model for dims 2, 3, 'acs' and '2.5d' (a Markdown table).
+"""Prints the parameter count of every model for dims 2, 3, 'acs', 'soft_acs' and '2.5d' (a Markdown table).
 
 Usage: ``python -m acsjax.models [--in-channels N] [--num-classes N] [--models a,b]``. Models are
 built abstractly (``nnx.eval_shape``), so nothing is initialised or allocated.
@@ -40,10 +40,12 @@ def main(argv=None) -> None:
         parser.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
     rows = count_table(args.in_channels, args.num_classes, names)
     print(f"Parameters (in_channels={args.in_channels}, num_classes={args.num_classes}):\n")
-    print("| model | 2D | 3D | ACS | 2.5D | 3D / 2D |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| model | 2D | 3D | ACS | SoftACS | 2.5D | 3D / 2D |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, c in rows:
-        print(f"| {name} | {c[2]:,} | {c[3]:,} | {c['acs']:,} | {c['2.5d']:,} | {c[3] / c[2]:.2f} |")
+        print(
+            f"| {name} | {c[2]:,} | {c[3]:,} | {c['acs']:,} | {c['soft_acs']:,} | {c['2.5d']:,} | {c[3] / c[2]:.2f} |"
+        )
 
 
 if __name__ == "__main__":

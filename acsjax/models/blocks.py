@@ -1,7 +1,7 @@
 """Building blocks shared by the models: norms, activations, remat, conv-norm-act.
 
-Everything here is keyed on ``dims`` (2, 3, 'acs' or '2.5d', see
-:mod:`acsjax.layers`), so one model definition builds all four variants with
+Everything here is keyed on ``dims`` (2, 3, 'acs', 'soft_acs' or '2.5d', see
+:mod:`acsjax.layers`), so one model definition builds all five variants with
 parameter trees that :func:`acsjax.inflate_params` maps onto each other.
 """
 
@@ -186,15 +186,14 @@ class Conv(layers.Conv):
             return super().__call__(x)
         kernel = self.kernel[...]
         k = kernel.shape[0]
-        window = (k, k, k) if self.dims == "acs" else kernel.shape[:3]
+        window = (k, k, k) if self.dims in layers.ACS_DIMS else kernel.shape[:3]
         strides = self.strides if not isinstance(self.strides, int) else (self.strides,) * 3
         pads = ops.resolve_padding(self.padding, x.shape[1:4], window, strides)
         x = jnp.pad(x, ((0, 0), pads[0], (0, 0), (0, 0), (0, 0)), mode="edge")
         # The depth padding is now in x; for ACS the axial group's negative depth
         # padding then crops it back, as its kernel has a single depth tap.
         dtype = self.dtype or x.dtype
-        fn = ops.acs_conv if self.dims == "acs" else ops.conv
-        y = fn(
+        y = self.convolve(
             x.astype(dtype),
             kernel.astype(dtype),
             strides=strides,

@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0 for dims 2, 3, 'acs' and '2.5d'.
+"""EfficientNet-Lite0 for dims 2, 3, 'acs', 'soft_acs' and '2.5d'.
 
 EfficientNet-Lite (Tan and Le; the TensorFlow "lite" variants) is EfficientNet
 without squeeze-and-excitation, with ReLU6 and a fixed stem and head. The
@@ -99,7 +99,7 @@ class EfficientNetLite(nnx.Module):
     """EfficientNet-Lite0 classifier or encoder.
 
     Args:
-      dims: 2, 3, 'acs' or '2.5d'.
+      dims: 2, 3, 'acs', 'soft_acs' or '2.5d'.
       in_channels: input channels (3 for the ImageNet weights).
       num_classes: size of ``fc``; ignored without a top.
       include_top: ``conv_head``/``bn1``/``fc`` and pooling; without them the

@@ -1,4 +1,4 @@
-"""ResNet-18/34/50 with torchvision's topology, for dims 2, 3, 'acs' and '2.5d'.
+"""ResNet-18/34/50 with torchvision's topology, for dims 2, 3, 'acs', 'soft_acs' and '2.5d'.
 
 The parameter tree mirrors torchvision's (and timm's) state-dict names one to
 one, with '/' for '.' and Flax leaf names::
@@ -111,11 +111,11 @@ ARCHS = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)), 50: (Bo
 
 
 class ResNet(nnx.Module):
-    """torchvision-compatible ResNet for images (dims=2) or volumes (3, 'acs', '2.5d').
+    """torchvision-compatible ResNet for images (dims=2) or volumes (3, 'acs', 'soft_acs', '2.5d').
 
     Args:
       num_layers: 18, 34 or 50.
-      dims: 2, 3, 'acs' or '2.5d' (see :mod:`acsjax.layers`).
+      dims: 2, 3, 'acs', 'soft_acs' or '2.5d' (see :mod:`acsjax.layers`).
       in_channels: input channels (3 for ImageNet weights).
       num_classes: size of the ``fc`` head; ignored when ``include_top=False``.
       include_top: add global average pooling and ``fc``; without it the model

@@ -135,7 +135,7 @@ class UNet(_SegmentationHeads):
     """A plain U-Net (nnU-Net style: strided-conv downsampling, two convs per level).
 
     Args:
-      dims: 2, 3, 'acs' or '2.5d'.
+      dims: 2, 3, 'acs', 'soft_acs' or '2.5d'.
       in_channels, num_classes: input channels and output classes.
       widths: channels per level, shallow to deep; ``len(widths)`` is the number of levels.
       norm: 'batch', 'group' or 'instance'.
