@@ -21,6 +21,10 @@ scale      alpha_t > 0, sum alpha = 1              boring-volume exact
 2.5d       T = 1, w = (1,)                         (1, kh, kw) kernels
 acs        kernel kept 2D (ACS layers use it)      see :func:`acs_to_3d`
 =========  =====================================  ==========================
+
+``like=`` (the target model's shapes) lets each kernel's target decide its
+depth, so anisotropic models with (1, k, k) and (k, k, k) levels inflate
+without per-path rules.
 """
 
 from __future__ import annotations
