@@ -132,6 +132,8 @@ class _SegmentationHeads(nnx.Module):
 
 def _per_stage(value, n: int, name: str, dims, *, odd: bool) -> tuple[tuple[int, ...], ...]:
     """``value``: one int or [d, h, w] per stage (dims=2 also takes [h, w]); validated, (d, h, w) each."""
+    if isinstance(value, (int, str, np.integer)):
+        raise ValueError(f"UNet: {name} needs one entry per level ({n}, as widths), got {value!r}")
     value = list(value)
     if len(value) != n:
         raise ValueError(f"UNet: {name} needs one entry per level ({n}, as widths), got {len(value)}")
