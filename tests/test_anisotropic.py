@@ -141,7 +141,8 @@ def test_unet_option_errors():
         (r"UNet: kernels\[1\] must be odd", lambda: unet(3, kernels=[3, [1, 2, 2], 3])),
         (r"UNet: strides\[2\] must be a positive int or \[d, h, w\]", lambda: unet(3, strides=[1, 2, [0, 2, 2]])),
         (r"UNet: kernels\[0\]: dims='acs' needs kd == 1", lambda: unet("acs", kernels=[[3, 1, 3], 3, 3])),
-        (r"UNet: give the depth strides in strides, not pool_depth", lambda: unet(3, strides=STRIDES, pool_depth=False)),
+        (r"UNet: give the depth strides in strides, not pool_depth",
+         lambda: unet(3, strides=STRIDES, pool_depth=False)),
     ])
 
 
@@ -170,7 +171,8 @@ def test_inflate_like_accepts_flat_and_shape_trees_and_is_jittable():
     jitted = jax.jit(lambda s: acsjax.inflate_params(s, "scale", like=flat))(state2d)
     chex.assert_trees_all_close(jitted, eager)
     chex.assert_trees_all_equal(acsjax.inflate_params(state2d, "scale", like=shapes), eager)
-    chex.assert_trees_all_equal(acsjax.inflate_params(state2d, "scale", like=nnx.to_pure_dict(nnx.state(model3d))), eager)
+    pure = nnx.to_pure_dict(nnx.state(model3d))
+    chex.assert_trees_all_equal(acsjax.inflate_params(state2d, "scale", like=pure), eager)
     k2 = np.asarray(state2d["encoder"][2]["conv1"]["conv"]["kernel"][...])
     k3 = np.asarray(eager["encoder"][2]["conv1"]["conv"]["kernel"][...])
     np.testing.assert_allclose(k3, k2[None] * np.array([0.25, 0.5, 0.25])[:, None, None, None, None], rtol=1e-6)
@@ -194,7 +196,8 @@ def test_inflate_like_errors_name_path_and_shapes():
     flat = acsjax.trees.flatten(nnx.state(unet(3, strides=STRIDES, kernels=KERNELS)))
     partial = {k: v for k, v in flat.items() if k != "head/kernel"}
     one_line_errors([
-        (r"decoder/blocks/0/conv1/conv/kernel: 2-D kernel \(3, 3, 16, 8\) does not fit the target kernel \(1, 3, 3, 24, 8\)",
+        (r"decoder/blocks/0/conv1/conv/kernel: 2-D kernel \(3, 3, 16, 8\) "
+         r"does not fit the target kernel \(1, 3, 3, 24, 8\)",
          lambda: acsjax.inflate_params(state2d, "average", like=wider)),
         (r"head/kernel: 2-D kernel \(1, 1, 4, 2\) has no counterpart in `like`",
          lambda: acsjax.inflate_params(state2d, "average", like=partial)),
@@ -204,7 +207,8 @@ def test_inflate_like_errors_name_path_and_shapes():
          lambda: acsjax.inflate_params(state2d, "average", like=flat, rules={"encoder/2/": {"depth": 5}})),
     ])
     acs_like = nnx.state(unet("acs", strides=STRIDES, kernels=KERNELS, widths=(4, 8, 16)))
-    with pytest.raises(ValueError, match=r"/kernel: 2-D kernel \(3, 3, 16, 8\) does not fit the target's 2-D kernel \(3, 3, 24, 8\)"):
+    pattern = r"/kernel: 2-D kernel \(3, 3, 16, 8\) does not fit the target's 2-D kernel \(3, 3, 24, 8\)"
+    with pytest.raises(ValueError, match=pattern):
         acsjax.inflate_params(state2d, "acs", like=acs_like)
 
 

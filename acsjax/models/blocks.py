@@ -112,7 +112,10 @@ def run_block(block: nnx.Module, policy: Callable | None, *args):
 
 
 def per_level(value, n: int, name: str) -> tuple[bool, ...]:
-    """``value``: one bool for all ``n`` downsamplings or one bool each (shallow to deep); one-line errors name ``name``."""
+    """``value``: one bool for all ``n`` downsamplings or one bool each, shallow to deep.
+
+    A wrong length is a one-line ValueError that starts with ``name``.
+    """
     if isinstance(value, bool):
         return (value,) * n
     value = tuple(bool(v) for v in value)
