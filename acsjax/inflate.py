@@ -26,6 +26,10 @@ soft_acs   kernel kept 2D (SoftACS layers use it)  see :func:`acs_to_3d`
 A SoftACS layer also has ``view_logits`` (cout, 3), its per-channel mixing of
 the three planes. A 2D model has no counterpart, so 'soft_acs' inflation does
 not produce them: the model keeps its own (zero, equal-mixing) initial logits.
+
+``like=`` (the target model's shapes) lets each kernel's target decide its
+depth, so anisotropic models with (1, k, k) and (k, k, k) levels inflate
+without per-path rules.
 """
 
 from __future__ import annotations
@@ -172,6 +176,44 @@ def _compile_rules(rules: Mapping[str, Mapping[str, Any]] | None):
     return compiled
 
 
+def _target_shapes(like: Any) -> dict[str, tuple[int, ...]]:
+    """{path: shape} of a target tree: an NNX state (abstract or not), nested or flat dicts of shaped leaves."""
+    is_shape = lambda x: isinstance(x, tuple) and all(isinstance(i, (int, np.integer)) for i in x)  # noqa: E731
+    leaves, _ = jax.tree_util.tree_flatten_with_path(like, is_leaf=lambda x: is_shape(x) or hasattr(x, "shape"))
+    shapes = {}
+    for path, leaf in leaves:
+        name = path_str(path)
+        if name.endswith("/value"):  # restored {'value': x} leaves
+            name = name[: -len("/value")]
+        shapes[name] = tuple(int(i) for i in (leaf if is_shape(leaf) else leaf.shape))
+    return shapes
+
+
+def _fit_to_target(options: dict, kernel, name: str, target) -> dict | None:
+    """The options that inflate ``kernel`` into the ``target`` shape, or None to keep it 2D."""
+    shape = tuple(jnp.shape(kernel))
+    if target is None:
+        raise ValueError(f"{name}: 2-D kernel {shape} has no counterpart in `like` (the target tree)")
+    if len(target) == 4:
+        if target != shape:
+            raise ValueError(f"{name}: 2-D kernel {shape} does not fit the target's 2-D kernel {target}")
+        return None
+    plane = options["plane"]
+    axis = PLANES.get(plane)
+    if len(target) != 5 or axis is None or target[:axis] + target[axis + 1 :] != shape:
+        raise ValueError(f"{name}: 2-D kernel {shape} does not fit the target kernel {target} (plane {plane!r})")
+    depth, method = target[axis], _canonical_method(options["method"])
+    if options["depth"] is not None and options["depth"] != depth:
+        raise ValueError(f"{name}: depth={options['depth']} but the target kernel {target} has depth {depth}")
+    if depth > 1 and method in ("2.5d", *_KEEP_2D):
+        raise ValueError(
+            f"{name}: method {method!r} cannot fill the target kernel {target} of depth {depth}; "
+            "use 'center', 'average' or 'scale' for it (e.g. with rules)"
+        )
+    # Depth 1 is the (1, kh, kw) slice-by-slice form, the same for every method.
+    return {**options, "method": "2.5d" if depth == 1 else method, "depth": None if depth == 1 else depth}
+
+
 def inflate_params(
     params: Any,
     method: str = "scale",
@@ -181,6 +223,7 @@ def inflate_params(
     position: str | int = "center",
     plane: str = "axial",
     rules: Mapping[str, Mapping[str, Any]] | None = None,
+    like: Any = None,
 ) -> Any:
     """Maps a 2D parameter pytree to its 3D (or ACS / 2.5D) counterpart.
 
@@ -198,6 +241,15 @@ def inflate_params(
       rules: ``{regex: {option: value}}`` overriding the options above for
         kernels whose path (e.g. 'encoder/conv1/kernel') matches; the first
         matching rule wins and every rule must match at least one kernel.
+      like: the target model's shapes (``nnx.state(model3d)``, the state of an
+        ``nnx.eval_shape`` model, a nested dict of ``jax.ShapeDtypeStruct``, or
+        a flat ``{'a/b/kernel': shaped}`` dict). Each 2D kernel then takes the
+        depth of its target: a 5-D target of depth kd is filled by ``method``
+        (kd == 1 gives the (1, kh, kw) slice-by-slice form), a 4-D target keeps
+        the kernel 2D (ACS). Mixed (1, 3, 3) / (3, 3, 3) models need no rules.
+        A kernel that is missing from ``like`` or whose plane, input or output
+        size differs raises a ValueError naming the path and both shapes.
+        Only shapes are read, so the function stays jit-able.
 
     Returns:
       A pytree of the same structure with every 2D convolution kernel inflated.
@@ -205,11 +257,12 @@ def inflate_params(
     Example::
 
       model3d = UNet(dims=3, ...)
-      nnx.update(model3d, inflate_params(nnx.state(model2d), 'scale'))
+      nnx.update(model3d, inflate_params(nnx.state(model2d), 'scale', like=nnx.state(model3d)))
     """
     _canonical_method(method)
     defaults = dict(method=method, depth=depth, alphas=alphas, position=position, plane=plane)
     compiled = _compile_rules(rules)
+    targets = None if like is None else _target_shapes(like)
     matched: set[str] = set()
 
     def visit(path, leaf):
@@ -227,6 +280,10 @@ def inflate_params(
                 f"{name}: expected a 2-D convolution kernel (kh, kw, in, out), got shape {jnp.shape(leaf)}; "
                 "is this tree already 3-D?"
             )
+        if targets is not None:
+            options = _fit_to_target(options, leaf, name, targets.get(name))
+            if options is None:
+                return leaf
         return inflate_kernel(leaf, path=name, **options)
 
     out = jax.tree_util.tree_map_with_path(visit, params)

@@ -7,17 +7,20 @@ the same class with ``nnx.update``:
 ===========  ======================  ===============================
 dims         input                   kernel
 ===========  ======================  ===============================
-2            (N, H, W, C)            (k, k, cin, cout)
-3            (N, D, H, W, C)         (k, k, k, cin, cout)
-'2.5d'       (N, D, H, W, C)         (1, k, k, cin, cout)
+2            (N, H, W, C)            (kh, kw, cin, cout)
+3            (N, D, H, W, C)         (kd, kh, kw, cin, cout)
+'2.5d'       (N, D, H, W, C)         (1, kh, kw, cin, cout)
 'acs'        (N, D, H, W, C)         (k, k, cin, cout), see acs_conv
 'soft_acs'   (N, D, H, W, C)         (k, k, cin, cout) and view_logits
                                      (cout, 3), see soft_acs_conv
 ===========  ======================  ===============================
 
-A ``'soft_acs'`` layer also holds ``view_logits``, which a 2D model does not
-have: ``nnx.update`` with an inflated 2D state leaves them at their
-initialisation.
+``kernel_size`` is an int (a square or cubic kernel) or per axis
+``(kd, kh, kw)``, so one option set builds every variant: dims=2 uses the
+in-plane ``(kh, kw)`` (a pair is accepted too), '2.5d' always has depth 1, and
+'acs' and 'soft_acs' take either a cubic kernel (the ACS convolution) or
+``kd == 1``, which applies the 2D kernel ``(kh, kw, cin, cout)`` axially only, as a ``(1, kh, kw)``
+convolution (an anisotropic stage of an ACS model).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from acsjax import ops
@@ -74,42 +78,70 @@ def spatial_rank(dims) -> int:
     return 2 if dims == 2 else 3
 
 
-def kernel_shape(dims, kernel_size: int, in_features: int, out_features: int) -> tuple[int, ...]:
-    """The kernel shape a ``dims`` convolution stores (see the module table)."""
+def kernel_size_3d(dims, kernel_size, name: str = "kernel_size") -> tuple[int, int, int]:
+    """``kernel_size`` (an int or per axis) as the (kd, kh, kw) window a ``dims`` layer applies.
+
+    dims=2 ignores kd (1 is returned) and accepts a pair (kh, kw); '2.5d' forces
+    kd = 1; 'acs' needs kd == 1 (axial only) or kd == kh == kw (ACS). Raises a
+    one-line ValueError that starts with ``name``.
+    """
     check_dims(dims)
-    k = kernel_size
+    if isinstance(kernel_size, (int, np.integer)):
+        size = (int(kernel_size),) * 3
+    else:
+        size = tuple(kernel_size)
+        if dims == 2 and len(size) == 2:
+            size = (1, *size)
+        if len(size) != 3 or not all(isinstance(k, (int, np.integer)) for k in size):
+            raise ValueError(f"{name} must be an int or (kd, kh, kw) ints, got {kernel_size!r}")
+        size = tuple(int(k) for k in size)
+    if min(size) < 1:
+        raise ValueError(f"{name} must be positive, got {kernel_size!r}")
+    kd, kh, kw = size
+    if dims == 2 or dims == "2.5d":
+        return (1, kh, kw)
+    if dims in ACS_DIMS and kd != 1 and not kd == kh == kw:
+        raise ValueError(
+            f"{name}: dims={dims!r} needs kd == 1 (axial only) or kd == kh == kw (ACS), got {size}"
+        )
+    return size
+
+
+def kernel_shape(dims, kernel_size, in_features: int, out_features: int) -> tuple[int, ...]:
+    """The kernel shape a ``dims`` convolution stores (see the module table)."""
+    kd, kh, kw = kernel_size_3d(dims, kernel_size)
     if dims == 2 or dims in ACS_DIMS:
-        return (k, k, in_features, out_features)
-    if dims == "2.5d":
-        return (1, k, k, in_features, out_features)
-    return (k, k, k, in_features, out_features)
+        return (kh, kw, in_features, out_features)
+    return (kd, kh, kw, in_features, out_features)
 
 
 class Conv(nnx.Module):
-    """Convolution with square/cubic kernels for any ``dims`` (see module docstring).
+    """Convolution for any ``dims`` with an int or per-axis ``(kd, kh, kw)`` kernel (see module docstring).
 
-    ``padding`` defaults to ``kernel_size // 2`` zeros on each side (PyTorch's
-    usual choice); ``padding_mode='edge'`` replicates borders instead. For
-    ``dims='2.5d'`` the depth axis is never padded. Parameters are stored in
-    ``param_dtype``; the convolution runs in ``dtype`` (e.g. bfloat16).
+    ``padding`` defaults to ``k // 2`` zeros on each side of each axis
+    (PyTorch's usual choice); ``padding_mode='edge'`` replicates borders
+    instead. An int ``padding`` never pads the depth of a layer that applies
+    its kernel slice by slice ('2.5d', or 'acs' with kd == 1). Parameters are
+    stored in ``param_dtype``; the convolution runs in ``dtype`` (e.g. bfloat16).
 
     ``dims='soft_acs'`` adds the parameter ``view_logits`` (out_features, 3),
     the per-channel mixing logits of the axial, coronal and sagittal views
-    (:func:`acsjax.ops.soft_acs_conv`), initialised to zeros. ACSConv's
-    ``SoftACSConv`` draws them with ``torch.rand`` (uniform in [0, 1)) from
-    PyTorch's global random state, outside any seed the model is given, so two
-    runs start from different mixings and cannot be reproduced, and each
-    channel starts with a random preference for some plane that the 2D weights
-    give no reason for. Zeros mean equal mixing: an inflated network starts as
-    the mean of its three planes, deterministically; training moves the
-    logits where the data asks.
+    (:func:`acsjax.ops.soft_acs_conv`), initialised to zeros (an axial-only
+    stage, kd == 1, has one view and no logits). ACSConv's ``SoftACSConv``
+    draws them with ``torch.rand`` (uniform in [0, 1)) from PyTorch's global
+    random state, outside any seed the model is given, so two runs start from
+    different mixings and cannot be reproduced, and each channel starts with a
+    random preference for some plane that the 2D weights give no reason for.
+    Zeros mean equal mixing: an inflated network starts as the mean of its
+    three planes, deterministically; training moves the logits where the data
+    asks. ``nnx.update`` with an inflated 2D state leaves them as they are.
     """
 
     def __init__(
         self,
         in_features: int,
         out_features: int,
-        kernel_size: int = 3,
+        kernel_size: int | Sequence[int] = 3,
         *,
         dims=2,
         strides: int | Sequence[int] = 1,
@@ -126,37 +158,49 @@ class Conv(nnx.Module):
         if in_features % groups or out_features % groups:
             raise ValueError(f"Conv: groups={groups} must divide in ({in_features}) and out ({out_features}) features")
         self.dims = dims
+        self.kernel_size = kernel_size_3d(dims, kernel_size)
+        # ACS with kd == 1 applies its 2D kernel axially only, like '2.5d'.
+        self.axial = dims == "2.5d" or (dims in ACS_DIMS and self.kernel_size[0] == 1)
         self.strides = strides
-        self.padding = kernel_size // 2 if padding is None else padding
-        if dims == "2.5d" and isinstance(self.padding, int):
-            self.padding = ((0, 0), (self.padding,) * 2, (self.padding,) * 2)
+        if padding is None:
+            padding = tuple(k // 2 for k in self.window)
+        elif self.axial and isinstance(padding, int):
+            padding = (0, padding, padding)
+        self.padding = padding
         self.padding_mode = padding_mode
         self.groups = groups
         self.dtype = dtype
         shape = kernel_shape(dims, kernel_size, in_features // groups, out_features)
         self.kernel = nnx.Param(_init_kernel(kernel_init, rngs.params(), shape, param_dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
-        if dims == "soft_acs":
+        if dims == "soft_acs" and not self.axial:
             self.view_logits = nnx.Param(jnp.zeros((out_features, 3), param_dtype))
 
-    def convolve(self, x: jax.Array, kernel: jax.Array, **options) -> jax.Array:
-        """The ``dims`` convolution of ``x`` with ``kernel`` (no bias); ``options`` go to the ops function."""
-        if self.dims == "acs":
-            return ops.acs_conv(x, kernel, **options)
-        if self.dims == "soft_acs":
-            return ops.soft_acs_conv(x, kernel, self.view_logits[...], **options)
-        return ops.conv(x, kernel, **options)
+    @property
+    def window(self) -> tuple[int, ...]:
+        """The spatial window the layer applies: (kh, kw) for dims=2, else (kd, kh, kw)."""
+        return self.kernel_size[1:] if self.dims == 2 else self.kernel_size
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def convolve(self, x: jax.Array, *, strides, padding, padding_mode: str = "zeros") -> jax.Array:
+        """The convolution (with bias) in ``dtype``, for explicit strides and padding."""
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
         kernel = self.kernel[...].astype(dtype)
-        y = self.convolve(
-            x, kernel, strides=self.strides, padding=self.padding, padding_mode=self.padding_mode, groups=self.groups
-        )
+        if self.dims == "soft_acs" and not self.axial:
+            fn = functools.partial(ops.soft_acs_conv, view_logits=self.view_logits[...])
+        elif self.dims == "acs" and not self.axial:
+            fn = ops.acs_conv
+        else:
+            fn = ops.conv
+            if kernel.ndim == 4 and x.ndim == 5:  # axial-only ACS stage: a (1, kh, kw) kernel
+                kernel = kernel[None]
+        y = fn(x, kernel, strides=strides, padding=padding, padding_mode=padding_mode, groups=self.groups)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.convolve(x, strides=self.strides, padding=self.padding, padding_mode=self.padding_mode)
 
 
 def _window(dims, size: int, pool_depth: bool = True) -> tuple[int, ...]:

@@ -288,9 +288,18 @@ def efficientnet_lite0(
     mixing of the planes) and ``'2.5d'`` use their own transform. With
     ``num_classes != 1000`` the ``fc`` head keeps a fresh initialisation.
     ``options`` go to :class:`EfficientNetLite` (e.g. ``pool_depth``, ``remat``, ``dtype``).
+
+    Volumes are padded along depth with ``depth_padding='edge'`` unless
+    ``options`` say otherwise: a volume that repeats one image along depth then
+    stays constant along depth through every layer, at any depth >= 1 and with
+    the default depth striding, so the 'average', 'scale', 'center' and '2.5d'
+    models give exactly the 2D logits on it, and the ACS model gives those of
+    the 2D network with ``project_params(acs_to_3d(...))`` kernels. With zero
+    depth padding thin stacks see the padding and the class can change.
     """
     check_dims(dims)
     rngs = rngs if rngs is not None else nnx.Rngs(0)
+    options.setdefault("depth_padding", "edge")
     kw = dict(in_channels=in_channels, num_classes=num_classes, **options)
     if dims == 3 and init in ("acs", "soft_acs", "2.5d"):
         raise ValueError(f"efficientnet_lite0: init={init!r} needs dims={init!r}, not dims=3")
@@ -305,8 +314,9 @@ def efficientnet_lite0(
     else:
         model = abstract(dims)
         method = _INIT_FOR_DIMS.get(dims, init)
+        like = nnx.state(model)
         # One compiled program instead of one small eager computation per kernel.
-        inflate = jax.jit(lambda state: inflate_params(state, method))
+        inflate = jax.jit(lambda state: inflate_params(state, method, like=like))
         nnx.update(model, inflate(nnx.state(model2d)))
         if dims == "soft_acs":
             # The view logits have no 2D counterpart: zeros, as the layer initialises them.

@@ -78,10 +78,11 @@ def test_checkpoint_has_the_model_parameter_count(lite0_2d):
 
 
 def test_inflated_3d_reproduces_2d_on_a_boring_volume(lite0_2d):
-    """'average' inflation with edge depth padding: a volume repeating the image gives the 2D logits."""
+    """'average' inflation with the default (edge) depth padding: a volume repeating the image gives the 2D logits."""
     images = photos(64)
     volume = np.repeat(images[:, None], 8, axis=1)
-    model3d = pretrained.efficientnet_lite0(dims=3, init="average", depth_padding="edge")
+    model3d = pretrained.efficientnet_lite0(dims=3, init="average")
+    assert model3d.conv_stem.depth_padding == "edge"
     logits2d, logits3d = forward(lite0_2d, images), forward(model3d, volume)
     np.testing.assert_array_equal(np.argsort(-logits3d, 1)[:, :5], np.argsort(-logits2d, 1)[:, :5])
     chex.assert_trees_all_close(logits3d, logits2d, atol=1e-3, rtol=1e-4)
@@ -93,13 +94,49 @@ def test_inflated_3d_reproduces_2d_on_a_boring_volume(lite0_2d):
     np.testing.assert_allclose(k3, np.broadcast_to(k2 / 3, k3.shape), rtol=1e-6)
 
 
-@pytest.mark.parametrize("dims, init", [("acs", "average"), (3, "center")])
-def test_acs_and_center_variants_run(dims, init):
-    model = pretrained.efficientnet_lite0(dims=dims, init=init)
-    assert model.bn0.use_running_average is True  # returned in eval mode
-    logits = forward(model, np.repeat(photos(64)[:1, None], 8, axis=1))
-    assert logits.shape == (1, 1000)
-    assert np.all(np.isfinite(logits))
+@pytest.mark.slow
+@pytest.mark.parametrize("init", ["average", "scale"])
+def test_inflated_top1_on_a_repeated_photograph_at_any_depth(lite0_2d, init):
+    """The constructor's promise with its defaults: the 2D top-1 (and logits) at depths 1, 3 and 16.
+
+    Depth 1 and 3 go through five stride-2 depth steps ('SAME' padding keeps one
+    slice); with zero depth padding the same model answers 649 ('average') or 506
+    ('scale') at 64 px on every one of these depths instead of 285.
+    """
+    image = photos(64)[:1]
+    logits2d = forward(lite0_2d, image)
+    assert np.argmax(logits2d) == 285  # tabby at 64 px too
+    model = pretrained.efficientnet_lite0(dims=3, init=init)
+    for depth in (1, 3, 16):
+        logits = forward(model, np.repeat(image[:, None], depth, axis=1))
+        assert np.argmax(logits) == 285, (init, depth)
+        chex.assert_trees_all_close(logits, logits2d, atol=1e-3, rtol=1e-4)
+
+
+def test_center_and_acs_on_a_repeated_photograph(lite0_2d):
+    """What holds exactly on an image repeated along depth (default edge depth padding, depth striding on).
+
+    - 'center': each 3D kernel's only non-zero tap reads the slice itself, and every
+      layer's output stays constant along depth, so the logits are the 2D logits.
+    - 'acs': the axial third of each layer is the 2D kernel, the coronal and sagittal
+      thirds see the image along one in-plane axis only; on a depth-constant input
+      the whole network is the 2D network whose kernels are the ACS kernels made
+      3D and summed over depth, ``project_params(acs_to_3d(...))``; its logits match
+      that network's, not the ImageNet network's.
+    """
+    image = photos(64)[:1]
+    volume = np.repeat(image[:, None], 3, axis=1)
+    logits2d = forward(lite0_2d, image)
+    center = pretrained.efficientnet_lite0(dims=3, init="center")
+    assert center.bn0.use_running_average is True  # returned in eval mode
+    chex.assert_trees_all_close(forward(center, volume), logits2d, atol=1e-3, rtol=1e-4)
+
+    acs = pretrained.efficientnet_lite0(dims="acs")
+    projected = pretrained.efficientnet_lite0()
+    nnx.update(projected, acsjax.project_params(acsjax.acs_to_3d(nnx.state(acs))))
+    want = forward(projected, image)
+    assert np.abs(want - logits2d).max() > 1.0  # a different network from the 2D one ...
+    chex.assert_trees_all_close(forward(acs, volume), want, atol=1e-3, rtol=1e-4)  # ... which ACS computes exactly
 
 
 def test_efficientnet_unet_encoder_from_imagenet():

@@ -160,10 +160,18 @@ def train_slices(config: Config, build2d, source, mesh, workdir: Path, class_wei
     return pure
 
 
-def inflate_2d(config: Config, tree2d: dict) -> dict[str, np.ndarray]:
-    """{path: array} of the 2D tree mapped to the run's dims by the ``--init`` method."""
-    method = {"acs": "acs", "2.5d": "2.5d"}.get(config.init, config.init)
-    return flatten(acsjax.inflate_params(tree2d, method))
+def inflate_2d(config: Config, tree2d: dict, like=None) -> dict[str, np.ndarray]:
+    """{path: array} of the 2D tree mapped to the run's dims by the ``--init`` method.
+
+    ``like`` ({path: shape-having leaf} of the 3D model) lets each kernel's
+    target decide its depth, so a planned network whose levels mix (1, 3, 3)
+    and (3, 3, 3) kernels inflates without rules: (1, k, k) levels take the 2D
+    kernel as it is (the 2D network slice by slice), the others the method.
+    """
+    try:
+        return flatten(acsjax.inflate_params(tree2d, config.init, like=like))
+    except ValueError as err:
+        raise ConfigError("pretrained", str(err).splitlines()[0]) from None
 
 
 def initialize(config: Config, task, state: dict, source, workdir: Path) -> dict:
@@ -177,9 +185,10 @@ def initialize(config: Config, task, state: dict, source, workdir: Path) -> dict
         return state
     build2d = model_fn(config, in_channels=source.num_channels, num_classes=source.num_classes, dims=2)
     # The 2D twin trains with the 3D task's class weights (same classes, same training labels).
-    flat = inflate_2d(config, load_2d(config, build2d, source, task.mesh, workdir, task.class_weights))
+    tree2d = load_2d(config, build2d, source, task.mesh, workdir, task.class_weights)
     target = {"params": task.abstract_state["params"], "model_state": task.abstract_state["model_state"]}
     wanted = {**flatten(target["params"]), **flatten(target["model_state"])}
+    flat = inflate_2d(config, tree2d, like=wanted)
     # SoftACS view logits have no 2D counterpart: they start as the layer initialises them (zeros, equal mixing).
     flat.update({p: np.zeros(s.shape, s.dtype) for p, s in wanted.items() if p.endswith("view_logits") and p not in flat})
     try:

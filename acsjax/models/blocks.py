@@ -111,6 +111,19 @@ def run_block(block: nnx.Module, policy: Callable | None, *args):
     return nnx.remat(_call_block, policy=policy)(block, *args)
 
 
+def per_level(value, n: int, name: str) -> tuple[bool, ...]:
+    """``value``: one bool for all ``n`` downsamplings or one bool each, shallow to deep.
+
+    A wrong length is a one-line ValueError that starts with ``name``.
+    """
+    if isinstance(value, bool):
+        return (value,) * n
+    value = tuple(bool(v) for v in value)
+    if len(value) != n:
+        raise ValueError(f"{name} must be a bool or {n} bools (one per downsampling), got {value}")
+    return value
+
+
 def spatial_strides(dims, stride: int, pool_depth: bool = True) -> tuple[int, ...]:
     """Per-axis strides for a ``dims`` layer; depth keeps stride 1 when ``pool_depth`` is off."""
     if spatial_rank(dims) == 2:
@@ -184,25 +197,12 @@ class Conv(layers.Conv):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.depth_padding == "zeros":
             return super().__call__(x)
-        kernel = self.kernel[...]
-        k = kernel.shape[0]
-        window = (k, k, k) if self.dims in layers.ACS_DIMS else kernel.shape[:3]
         strides = self.strides if not isinstance(self.strides, int) else (self.strides,) * 3
-        pads = ops.resolve_padding(self.padding, x.shape[1:4], window, strides)
+        pads = ops.resolve_padding(self.padding, x.shape[1:4], self.window, strides)
         x = jnp.pad(x, ((0, 0), pads[0], (0, 0), (0, 0), (0, 0)), mode="edge")
         # The depth padding is now in x; for ACS the axial group's negative depth
         # padding then crops it back, as its kernel has a single depth tap.
-        dtype = self.dtype or x.dtype
-        y = self.convolve(
-            x.astype(dtype),
-            kernel.astype(dtype),
-            strides=strides,
-            padding=((0, 0), pads[1], pads[2]),
-            groups=self.groups,
-        )
-        if self.bias is not None:
-            y = y + self.bias[...].astype(dtype)
-        return y
+        return self.convolve(x, strides=strides, padding=((0, 0), pads[1], pads[2]))
 
 
 class ConvNormAct(nnx.Module):
@@ -215,7 +215,7 @@ class ConvNormAct(nnx.Module):
         self,
         in_features: int,
         out_features: int,
-        kernel_size: int = 3,
+        kernel_size: int | Sequence[int] = 3,
         *,
         dims,
         strides: int | Sequence[int] = 1,

@@ -26,6 +26,8 @@ uses PyTorch's k // 2 on both sides instead.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -36,6 +38,7 @@ from acsjax.models.blocks import (
     check_input,
     global_avg_pool,
     make_norm,
+    per_level,
     resolve_remat,
     run_block,
     spatial_strides,
@@ -104,7 +107,9 @@ class EfficientNetLite(nnx.Module):
       num_classes: size of ``fc``; ignored without a top.
       include_top: ``conv_head``/``bn1``/``fc`` and pooling; without them the
         model is an encoder and returns the last block's feature map (320 channels).
-      pool_depth: stride the depth axis of volumes too (off: depth strides are 1).
+      pool_depth: stride the depth axis of volumes too (off: depth strides are 1);
+        a bool, or one bool per downsampling (the stem and the four stride-2 stages,
+        shallow to deep) for anisotropic volumes.
       padding: 'same' (TensorFlow, what the ImageNet weights expect) or 'symmetric'.
       depth_padding: 'zeros' or 'edge' for the depth axis of volumes (see
         :class:`acsjax.models.blocks.Conv`; 'edge' makes inflated nets exact on
@@ -122,7 +127,7 @@ class EfficientNetLite(nnx.Module):
         in_channels: int = 3,
         num_classes: int = 1000,
         include_top: bool = True,
-        pool_depth: bool = True,
+        pool_depth: bool | Sequence[bool] = True,
         padding: str = "same",
         depth_padding: str = "zeros",
         dropout_rate: float = 0.0,
@@ -142,11 +147,15 @@ class EfficientNetLite(nnx.Module):
         bkw = dict(dims=dims, depth_padding=depth_padding, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         kw = dict(use_bias=False, **bkw)
         nkw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, **BN)
-        two = spatial_strides(dims, 2, pool_depth)
-        self.conv_stem = Conv(in_channels, STEM_WIDTH, 3, strides=two, padding=pad, **kw)
+        # One depth flag per downsampling: the stem, then each stride-2 stage.
+        n_down = 1 + sum(stage[2] == 2 for stage in LITE0_STAGES)
+        flags = iter(per_level(pool_depth, n_down, "EfficientNetLite: pool_depth"))
+        stem = spatial_strides(dims, 2, next(flags))
+        self.conv_stem = Conv(in_channels, STEM_WIDTH, 3, strides=stem, padding=pad, **kw)
         self.bn0 = make_norm("batch", STEM_WIDTH, **nkw)
-        blocks, stride, strides = [], two, []
+        blocks, stride, strides = [], stem, []
         for repeats, k, s, e, cin, cout in LITE0_STAGES:
+            flag = next(flags) if s == 2 else True
             for r in range(repeats):
                 blocks.append(
                     MBConv(
@@ -155,13 +164,13 @@ class EfficientNetLite(nnx.Module):
                         kernel=k,
                         stride=s if r == 0 else 1,
                         expand=e,
-                        pool_depth=pool_depth,
+                        pool_depth=flag,
                         padding=pad,
                         **bkw,
                     )
                 )
                 if r == 0 and s == 2:
-                    stride = tuple(a * b for a, b in zip(stride, two))
+                    stride = tuple(a * b for a, b in zip(stride, spatial_strides(dims, 2, flag)))
                 strides.append(stride)
         self.blocks = nnx.List(blocks)
         # Encoder features: the last block at each resolution.

@@ -13,10 +13,13 @@ one, with '/' for '.' and Flax leaf names::
 
 Options for medical volumes: ``stem_stride=1`` keeps full resolution in the
 7x7 stem, ``stem_pool=False`` drops the stem max-pool, and ``pool_depth=False``
-makes every depth stride 1 (for thick-slice volumes with few slices).
+makes every depth stride 1 (for thick-slice volumes with few slices); one bool
+per downsampling pools depth only where it says (anisotropic volumes).
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +31,7 @@ from acsjax.models.blocks import (
     check_input,
     global_avg_pool,
     make_norm,
+    per_level,
     resolve_remat,
     run_block,
     spatial_strides,
@@ -122,7 +126,9 @@ class ResNet(nnx.Module):
         returns the last stage's feature map (an encoder).
       stem_stride: stride of the 7x7 ``conv1`` (2 as in torchvision, or 1).
       stem_pool: keep the 3x3 stride-2 max-pool after the stem.
-      pool_depth: stride/pool the depth axis of volumes too (off: depth strides are 1).
+      pool_depth: stride/pool the depth axis of volumes too (off: depth strides are 1);
+        a bool, or one bool per downsampling, shallow to deep: the stem conv (when
+        ``stem_stride=2``), the stem pool (when ``stem_pool``), layer2, layer3, layer4.
       norm: 'batch' (torchvision), 'group' or 'instance'.
       depth_padding: 'zeros' or 'edge' for the depth axis of volumes (see
         :class:`acsjax.models.blocks.Conv`; 'edge' makes inflated nets exact on
@@ -141,7 +147,7 @@ class ResNet(nnx.Module):
         include_top: bool = True,
         stem_stride: int = 2,
         stem_pool: bool = True,
-        pool_depth: bool = True,
+        pool_depth: bool | Sequence[bool] = True,
         norm: str = "batch",
         depth_padding: str = "zeros",
         remat=None,
@@ -155,33 +161,38 @@ class ResNet(nnx.Module):
         if stem_stride not in (1, 2):
             raise ValueError(f"ResNet: stem_stride must be 1 or 2, got {stem_stride!r}")
         block_cls, counts = ARCHS[num_layers]
+        n_down = int(stem_stride == 2) + int(stem_pool) + 3
+        flags = list(per_level(pool_depth, n_down, "ResNet: pool_depth"))
+        stem_flag = flags.pop(0) if stem_stride == 2 else True
+        self.pool_flag = flags.pop(0) if stem_pool else True
+        layer_flags = (True, *flags)  # layer1 keeps the resolution
         self.name = f"resnet{num_layers}"
         self.dims, self.in_channels, self.pool_depth, self.stem_pool = dims, in_channels, pool_depth, stem_pool
         self.policy = resolve_remat(remat)
         self.dtype = dtype
         kw = dict(dims=dims, depth_padding=depth_padding, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.conv1 = _conv(in_channels, 64, 7, strides=spatial_strides(dims, stem_stride, pool_depth), **kw)
+        stem = spatial_strides(dims, stem_stride, stem_flag)
+        self.conv1 = _conv(in_channels, 64, 7, strides=stem, **kw)
         self.bn1 = make_norm(norm, 64, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         cin = 64
-        stride = spatial_strides(dims, stem_stride, pool_depth)
+        stride = stem
         if stem_pool:
-            stride = tuple(a * b for a, b in zip(stride, spatial_strides(dims, 2, pool_depth)))
+            stride = tuple(a * b for a, b in zip(stride, spatial_strides(dims, 2, self.pool_flag)))
         strides, channels = [stride], [64]
-        for i, (width, count) in enumerate(zip(WIDTHS, counts)):
+        for i, (width, count, flag) in enumerate(zip(WIDTHS, counts, layer_flags)):
             first = 1 if i == 0 else 2
             blocks = []
             for j in range(count):
                 blocks.append(
-                    block_cls(cin, width, stride=first if j == 0 else 1, pool_depth=pool_depth, norm=norm, **kw)
+                    block_cls(cin, width, stride=first if j == 0 else 1, pool_depth=flag, norm=norm, **kw)
                 )
                 cin = width * block_cls.expansion
             setattr(self, f"layer{i + 1}", nnx.List(blocks))
             if i:
-                stride = tuple(a * b for a, b in zip(stride, spatial_strides(dims, 2, pool_depth)))
+                stride = tuple(a * b for a, b in zip(stride, spatial_strides(dims, 2, flag)))
             strides.append(stride)
             channels.append(cin)
         # Feature maps of forward_features: stem (after ReLU, before the pool) then layer1..4.
-        stem = spatial_strides(dims, stem_stride, pool_depth)
         self.feature_strides = (stem, *strides[1:])
         self.feature_channels = (64, *channels[1:])
         self.num_features = cin
@@ -200,7 +211,7 @@ class ResNet(nnx.Module):
         x = jax.nn.relu(self.bn1(self.conv1(x)))
         features = [x]
         if self.stem_pool:
-            x = max_pool(x, self.dims, 3, strides=2, padding=1, pool_depth=self.pool_depth)
+            x = max_pool(x, self.dims, 3, strides=2, padding=1, pool_depth=self.pool_flag)
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer:
                 x = run_block(block, self.policy, x)

@@ -20,17 +20,18 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from acsjax.layers import Conv, check_dims, spatial_rank
+from acsjax.layers import Conv, check_dims, kernel_size_3d, spatial_rank
 from acsjax.models.blocks import (
     NORMS,
     ConvNormAct,
     check_divisible,
     check_input,
+    per_level,
     resolve_remat,
     run_block,
-    spatial_strides,
     upsample,
 )
 from acsjax.models.efficientnet import EfficientNetLite
@@ -42,11 +43,11 @@ DECODER_WIDTHS = (256, 128, 64, 32, 16)
 class DoubleConv(nnx.Module):
     """Two ConvNormAct units; the first may be strided (a U-Net encoder level)."""
 
-    def __init__(self, cin, cout, *, dims, strides=1, norm, act, depth_padding, dtype, param_dtype, rngs):
+    def __init__(self, cin, cout, *, dims, kernel=3, strides=1, norm, act, depth_padding, dtype, param_dtype, rngs):
         kw = dict(dims=dims, norm=norm, act=act, depth_padding=depth_padding)
         kw.update(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.conv1 = ConvNormAct(cin, cout, 3, strides=strides, **kw)
-        self.conv2 = ConvNormAct(cout, cout, 3, **kw)
+        self.conv1 = ConvNormAct(cin, cout, kernel, strides=strides, **kw)
+        self.conv2 = ConvNormAct(cout, cout, kernel, **kw)
 
     def __call__(self, x):
         return self.conv2(self.conv1(x))
@@ -55,12 +56,14 @@ class DoubleConv(nnx.Module):
 class DecoderBlock(nnx.Module):
     """Nearest upsampling by ``factors`` -> concatenate the skip (if any) -> DoubleConv."""
 
-    def __init__(self, cin, skip, cout, *, factors, dims, norm, act, depth_padding, dtype, param_dtype, rngs):
+    def __init__(
+        self, cin, skip, cout, *, factors, kernel=3, dims, norm, act, depth_padding, dtype, param_dtype, rngs
+    ):
         self.factors = tuple(factors)
         kw = dict(dims=dims, norm=norm, act=act, depth_padding=depth_padding)
         kw.update(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.conv1 = ConvNormAct(cin + skip, cout, 3, **kw)
-        self.conv2 = ConvNormAct(cout, cout, 3, **kw)
+        self.conv1 = ConvNormAct(cin + skip, cout, kernel, **kw)
+        self.conv2 = ConvNormAct(cout, cout, kernel, **kw)
 
     def __call__(self, x, skip=None):
         x = upsample(x, self.factors)
@@ -74,21 +77,26 @@ class UNetDecoder(nnx.Module):
 
     One block per skip (upsampling from the next deeper feature), plus a last
     block without a skip when the shallowest feature is below full resolution.
+    ``kernels`` (optional, one per feature) gives the block that decodes into
+    feature ``i`` the kernel of that encoder level (the last block uses ``kernels[0]``).
     """
 
-    def __init__(self, channels, strides, widths, *, dims, norm, act, depth_padding, dtype, param_dtype, rngs):
+    def __init__(
+        self, channels, strides, widths, *, kernels=None, dims, norm, act, depth_padding, dtype, param_dtype, rngs
+    ):
         kw = dict(dims=dims, norm=norm, act=act, depth_padding=depth_padding)
         kw.update(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kernels = kernels or (3,) * len(channels)
         n_blocks = len(channels) - 1 + int(any(s > 1 for s in strides[0]))
         if len(widths) < n_blocks:
             raise ValueError(f"decoder_widths needs {n_blocks} entries for this encoder, got {tuple(widths)}")
         blocks, cin = [], channels[-1]
         for i, w in zip(range(len(channels) - 2, -1, -1), widths):
             factors = [a // b for a, b in zip(strides[i + 1], strides[i])]
-            blocks.append(DecoderBlock(cin, channels[i], w, factors=factors, **kw))
+            blocks.append(DecoderBlock(cin, channels[i], w, factors=factors, kernel=kernels[i], **kw))
             cin = w
         if n_blocks == len(channels):
-            blocks.append(DecoderBlock(cin, 0, widths[n_blocks - 1], factors=strides[0], **kw))
+            blocks.append(DecoderBlock(cin, 0, widths[n_blocks - 1], factors=strides[0], kernel=kernels[0], **kw))
         self.blocks = nnx.List(blocks)
         self.widths = tuple(widths[:n_blocks])
 
@@ -122,13 +130,40 @@ class _SegmentationHeads(nnx.Module):
         return (main, *(h(x).astype(jnp.float32) for h, x in zip(self.aux_heads, lower)))
 
 
-def _per_level(value, n: int, name: str) -> tuple[bool, ...]:
-    if isinstance(value, bool):
-        return (value,) * n
-    value = tuple(bool(v) for v in value)
+def _per_stage(value, n: int, name: str, dims, *, odd: bool) -> tuple[tuple[int, ...], ...]:
+    """``value``: one int or [d, h, w] per stage (dims=2 also takes [h, w]); validated, (d, h, w) each."""
+    if isinstance(value, (int, str, np.integer)):
+        raise ValueError(f"UNet: {name} needs one entry per level ({n}, as widths), got {value!r}")
+    value = list(value)
     if len(value) != n:
-        raise ValueError(f"{name} must be a bool or {n} bools (one per downsampling), got {value}")
-    return value
+        raise ValueError(f"UNet: {name} needs one entry per level ({n}, as widths), got {len(value)}")
+    stages = []
+    for i, v in enumerate(value):
+        v = (int(v),) * 3 if isinstance(v, (int, np.integer)) else tuple(v)
+        if dims == 2 and len(v) == 2:
+            v = (1, *v)
+        if len(v) != 3 or not all(isinstance(a, (int, np.integer)) and a >= 1 for a in v):
+            raise ValueError(f"UNet: {name}[{i}] must be a positive int or [d, h, w] positive ints, got {value[i]!r}")
+        if odd and any(a % 2 == 0 for a in v):
+            raise ValueError(f"UNet: {name}[{i}] must be odd (the output keeps the input's size), got {value[i]!r}")
+        stages.append(tuple(int(a) for a in v))
+    return tuple(stages)
+
+
+def _schedule(dims, n: int, strides, kernels, pool_depth):
+    """Per-level strides (in the layer's rank) and (kd, kh, kw) kernels of a plain U-Net."""
+    if strides is None:
+        flags = per_level(pool_depth, n - 1, "UNet: pool_depth")
+        strides = [(1, 1, 1)] + [(2 if f else 1, 2, 2) for f in flags]
+    else:
+        if pool_depth is not True:
+            raise ValueError("UNet: give the depth strides in strides, not pool_depth (leave it True)")
+        strides = _per_stage(strides, n, "strides", dims, odd=False)
+    kernels = ((3, 3, 3),) * n if kernels is None else _per_stage(kernels, n, "kernels", dims, odd=True)
+    for i, k in enumerate(kernels):
+        kernel_size_3d(dims, k, f"UNet: kernels[{i}]")
+    rank = spatial_rank(dims)
+    return tuple(tuple(s[-rank:]) for s in strides), kernels
 
 
 class UNet(_SegmentationHeads):
@@ -141,6 +176,12 @@ class UNet(_SegmentationHeads):
       norm: 'batch', 'group' or 'instance'.
       act: 'relu', 'leaky_relu', ... (see ``blocks.ACTIVATIONS``).
       pool_depth: downsample depth too; a bool or one bool per downsampling.
+      strides: one [sd, sh, sw] per level (the first is the stem's, normally
+        [1, 1, 1]); None: stride 2 per level below the first (depth as ``pool_depth``).
+      kernels: one odd [kd, kh, kw] per level (decoder blocks take the kernel of
+        the level they decode into); None: 3 everywhere. 2D models use the
+        in-plane parts, '2.5d' depth 1 and 'acs' an axial-only stage where kd == 1,
+        so one option set builds every variant (nnU-Net's anisotropic plans).
       depth_padding: 'zeros' or 'edge' for the depth axis of volumes
         (see :class:`acsjax.models.blocks.Conv`).
       deep_supervision: add 1x1 heads on the lower decoder levels (train mode only).
@@ -161,6 +202,8 @@ class UNet(_SegmentationHeads):
         norm: str = "instance",
         act: str = "leaky_relu",
         pool_depth: bool | Sequence[bool] = True,
+        strides: Sequence[Sequence[int] | int] | None = None,
+        kernels: Sequence[Sequence[int] | int] | None = None,
         depth_padding: str = "zeros",
         deep_supervision: bool = False,
         remat=None,
@@ -177,19 +220,21 @@ class UNet(_SegmentationHeads):
         self.name, self.dims, self.in_channels = "unet", dims, in_channels
         self.policy = resolve_remat(remat)
         self.dtype = dtype
-        depth_flags = _per_level(pool_depth, len(widths) - 1, "UNet: pool_depth")
+        level_strides, kernels = _schedule(dims, len(widths), strides, kernels, pool_depth)
         kw = dict(dims=dims, norm=norm, act=act, depth_padding=depth_padding)
         kw.update(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        levels, strides, cin = [], [(1,) * spatial_rank(dims)], in_channels
-        for i, w in enumerate(widths):
-            s = 1 if i == 0 else spatial_strides(dims, 2, depth_flags[i - 1])
-            levels.append(DoubleConv(cin, w, strides=s, **kw))
-            if i:
-                strides.append(tuple(a * b for a, b in zip(strides[-1], s)))
+        levels, total, cin = [], [], in_channels
+        for w, s, k in zip(widths, level_strides, kernels):
+            levels.append(DoubleConv(cin, w, kernel=k, strides=s, **kw))
+            total.append(tuple(a * b for a, b in zip(total[-1] if total else (1,) * len(s), s)))
             cin = w
         self.encoder = nnx.List(levels)
-        self.size_divisor = strides[-1]
-        self.decoder = UNetDecoder(widths, strides, widths[-2::-1], **kw)
+        self.size_divisor = total[-1]
+        # What each level does, for plans and reports: strides in the layer's rank, kernels (kd, kh, kw).
+        self.stage_strides, self.stage_kernels = level_strides, tuple(tuple(k) for k in kernels)
+        # A strided stem needs one more decoder block (back to full resolution), as wide as the first level.
+        decoder_widths = widths[-2::-1] + widths[:1]
+        self.decoder = UNetDecoder(widths, total, decoder_widths, kernels=kernels, **kw)
         self._init_heads(self.decoder.widths, num_classes, deep_supervision, dims, dtype, param_dtype, rngs)
 
     def __call__(self, x: jax.Array):
@@ -253,7 +298,7 @@ class ResNetUNet(_EncoderUNet):
         norm: str = "batch",
         stem_stride: int = 2,
         stem_pool: bool = True,
-        pool_depth: bool = True,
+        pool_depth: bool | Sequence[bool] = True,
         depth_padding: str = "zeros",
         deep_supervision: bool = False,
         remat=None,
@@ -297,7 +342,7 @@ class EfficientNetUNet(_EncoderUNet):
         num_classes: int = 2,
         decoder_widths: Sequence[int] = DECODER_WIDTHS,
         norm: str = "batch",
-        pool_depth: bool = True,
+        pool_depth: bool | Sequence[bool] = True,
         padding: str = "same",
         depth_padding: str = "zeros",
         deep_supervision: bool = False,
