@@ -11,27 +11,12 @@ from flax import nnx
 import acsjax
 from acsjax.models import UNet
 from acsjax.models.blocks import Conv as BlockConv
+from test_models import numpy_init
 
 # nnU-Net's typical plan for thick slices: in-plane first, depth pooled and convolved only deeper.
 STRIDES = [[1, 1, 1], [1, 2, 2], [2, 2, 2]]
 KERNELS = [[1, 3, 3], [1, 3, 3], [3, 3, 3]]
 NO_DEPTH_STRIDE = [[1, 1, 1], [1, 2, 2], [1, 2, 2]]
-
-
-def numpy_init(abstract, seed=0):
-    """Fills an ``nnx.eval_shape`` model with numpy random values (no compilation)."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name, shape = acsjax.trees.leaf_name(path), leaf.shape
-        if name == "kernel":
-            return rng.normal(0.0, np.sqrt(2.0 / np.prod(shape[:-1])), shape).astype(np.float32)
-        if name == "var":
-            return rng.uniform(0.5, 1.5, shape).astype(np.float32)
-        return (float(name == "scale") + 0.1 * rng.normal(size=shape)).astype(np.float32)
-
-    nnx.update(abstract, jax.tree_util.tree_map_with_path(fill, nnx.state(abstract)))
-    return abstract
 
 
 def unet(dims, seed=None, **options):
