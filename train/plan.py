@@ -17,11 +17,12 @@ fuses and schedules differently (cuDNN workspaces, for one), so keep a margin.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
 import time
+
+from train import cli
 
 GIB = 1024**3
 # Per-block jax.checkpoint does nothing on XLA:CPU unless this pass is off
@@ -128,8 +129,9 @@ def _parse_ints(text: str, n: int | None = None) -> tuple[int, ...]:
     return values
 
 
+@cli.entry_point
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.plan", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m train.plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--volume", default="2048,2048,2048", help="D,H,W of the whole volume (one int for a cube)")
     parser.add_argument("--model", default="unet", help="acsjax.models name")
     parser.add_argument("--widths", default="32,64,128,256,320", help="U-Net widths (the 'gpu' preset's)")

@@ -318,24 +318,29 @@ def fit(task: Task, state, iterator, progress: Progress, *, start: int, stop: in
     """
     step_fn = make_step(task)
     result = None
-    for step in range(start + 1, stop + 1):
-        batch = shard_batch(next(iterator), task.mesh)
-        with jax.set_mesh(task.mesh):
-            state, metrics = step_fn(state, batch)
-        progress.add(step, metrics)
-        last = step == stop
-        evaluate_now = validate is not None and (last or (eval_every > 0 and step % eval_every == 0))
-        save_now = checkpoints is not None and (last or step % checkpoint_every == 0)
-        if evaluate_now or save_now or last or step % log_every == 0:
-            progress.flush(step)
-        if evaluate_now:
-            result = validate(state, last)
-            progress.restart_clock(step)  # keep validation time out of voxels/s
-            progress.write({"step": step, "val_dice_mean": result["val_dice_mean"], "wall_s": progress.elapsed()})
-            if jax.process_index() == 0:
-                print(f"{progress.name} step {step:>6}/{stop}  val_dice_mean {result['val_dice_mean']:.4f}", flush=True)
-        if save_now:
-            checkpoints.save(step, state, iterator, val_dice=result["val_dice_mean"] if evaluate_now else None)
+    try:
+        for step in range(start + 1, stop + 1):
+            batch = shard_batch(next(iterator), task.mesh)
+            with jax.set_mesh(task.mesh):
+                state, metrics = step_fn(state, batch)
+            progress.add(step, metrics)
+            last = step == stop
+            evaluate_now = validate is not None and (last or (eval_every > 0 and step % eval_every == 0))
+            save_now = checkpoints is not None and (last or step % checkpoint_every == 0)
+            if evaluate_now or save_now or last or step % log_every == 0:
+                progress.flush(step)
+            if evaluate_now:
+                result = validate(state, last)
+                progress.restart_clock(step)  # keep validation time out of voxels/s
+                progress.write({"step": step, "val_dice_mean": result["val_dice_mean"], "wall_s": progress.elapsed()})
+                if jax.process_index() == 0:
+                    print(f"{progress.name} step {step:>6}/{stop}  val_dice_mean {result['val_dice_mean']:.4f}", flush=True)
+            if save_now:
+                checkpoints.save(step, state, iterator, val_dice=result["val_dice_mean"] if evaluate_now else None)
+    except BaseException:
+        if checkpoints is not None:
+            checkpoints.wait()  # whatever stopped the loop, a save under way completes
+        raise
     return state, result
 
 
