@@ -16,3 +16,16 @@ def mni_t1_path() -> str:
     )
     assert os.path.isfile(path), f"missing {path}"
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_home(tmp_path_factory):
+    """Caches go to a temporary XDG_CACHE_HOME, never the user's: in this process and every subprocess and notebook kernel it starts (they inherit the environment)."""
+    path = tmp_path_factory.mktemp("cache_home")
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
