@@ -163,8 +163,9 @@ FLAG_HELP: dict[str, str] = {
     "task folder) or folder:PATH (imagesTr/labelsTr NIfTI pairs).",
     "workdir": "Run directory: checkpoints, metrics.csv, config.json, summary.json. A rerun with the "
     "same workdir resumes from the latest good checkpoint.",
-    "cache_dir": "Where sources cache decoded / rendered volumes (default: $XDG_CACHE_HOME/acsjax, "
-    "else ~/.cache/acsjax).",
+    "cache_dir": "Where sources cache decoded / rendered volumes and train.main keeps compiled programs "
+    "(jax/; JAX_COMPILATION_CACHE_DIR overrides that place, empty turns it off) (default: "
+    "$XDG_CACHE_HOME/acsjax, else ~/.cache/acsjax).",
     "model": "Model name for acsjax.models.build_model (unet, resnet18_unet, efficientnet_lite0_unet, ...).",
     "model_option": "Extra model option key=value (repeatable), values as Python literals, e.g. "
     "--model_option=widths=8,16,32 --model_option=norm='batch'.",

@@ -31,7 +31,9 @@ def main(argv: list[str]) -> None:
     from train import trainer  # after flag parsing: --help stays fast and JAX untouched
 
     trainer.maybe_initialize_distributed()
-    trainer.train_and_evaluate(config_lib.from_flags())
+    config = config_lib.from_flags()
+    trainer.use_compilation_cache(config.cache_path)
+    trainer.train_and_evaluate(config)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,24 @@ def maybe_initialize_distributed(environ=os.environ) -> bool:
     return False
 
 
+COMPILATION_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+
+
+def use_compilation_cache(cache_root: str, environ=os.environ) -> str | None:
+    """Keeps compiled programs on disk under ``CACHE_ROOT/jax``, so a rerun or resume skips recompiling.
+
+    ``cache_root`` is the run's cache directory (``Config.cache_path``).
+    ``JAX_COMPILATION_CACHE_DIR`` in the environment overrides the place
+    (empty: no cache); JAX reads it itself. Must run before the first
+    compilation. Returns the directory in use, or None.
+    """
+    if COMPILATION_CACHE_ENV in environ or jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir or None
+    directory = os.path.join(cache_root, "jax")
+    jax.config.update("jax_compilation_cache_dir", directory)
+    return directory
+
+
 def make_mesh(spec: str = "", devices=None) -> jax.sharding.Mesh:
     """A ('data', 'space') mesh over ``devices`` (default: all), e.g. spec 'data=4,space=2'.
 
