@@ -219,3 +219,17 @@ def test_whole_run_with_depth_split_over_two_devices(tmp_path):
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["devices"] == 2 and summary["mesh"] == {"data": 1, "space": 2}, summary
     assert summary["steps"] == 2 and np.isfinite(summary["val_dice_mean"]) and 0 <= summary["val_dice_mean"] <= 1
+
+
+def test_use_compilation_cache_defaults_under_the_cache_dir_and_yields_to_the_environment(tmp_path):
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        chosen = str(tmp_path / "elsewhere")
+        assert trainer.use_compilation_cache(str(tmp_path), {"JAX_COMPILATION_CACHE_DIR": chosen}) is None
+        assert jax.config.jax_compilation_cache_dir is None  # JAX itself reads the variable at import
+        assert trainer.use_compilation_cache(str(tmp_path), {}) == str(tmp_path / "jax")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax")
+        assert trainer.use_compilation_cache("/other", {}) == str(tmp_path / "jax")  # set once, kept
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
