@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from train import metrics
+from train import metrics, mni152_report
 from train.data import mni152, render
 
 
@@ -246,7 +246,7 @@ def test_warp_identity_and_deformation_size(tpl):
 
 def test_command_prints_baselines_and_writes_montage(tmp_path, capsys):
     out = tmp_path / "montage.png"
-    mni152.main(["--out", str(out), "--num-train", "2", "--num-val", "1", "--montage-cases", "2"])
+    mni152_report.main(["--out", str(out), "--num-train", "2", "--num-val", "1", "--montage-cases", "2"])
     text = capsys.readouterr().out
     assert "train: 2 cases" in text and "validation: 2 cases" in text
     assert "threshold baseline, raw template at 2 mm: mean foreground Dice 0.96" in text

@@ -153,7 +153,30 @@ def test_bfloat16_compute_float32_params():
     forward = nnx.jit(lambda m, x: m(x))
     y = forward(model, x)
     assert y.dtype == jnp.float32
-    chex.assert_trees_all_close(y, forward(ref, x), atol=0.1, rtol=0.05)
+    y32 = forward(ref, x)
+    chex.assert_trees_all_close(y, y32, atol=0.1, rtol=0.05)
+    # The compute really is bfloat16: every convolution and matmul of the
+    # traced program takes bf16 operands (a model ignoring dtype= would pass
+    # the checks above), and the output differs from float32 by more than
+    # float32 rounding (bf16 keeps 8 mantissa bits).
+    ops = _heavy_ops(jax.make_jaxpr(lambda x: model(x))(x).jaxpr)
+    assert ops and all(dtypes == {"bfloat16"} for _, dtypes in ops), ops
+    assert all(dtypes == {"float32"} for _, dtypes in _heavy_ops(jax.make_jaxpr(lambda x: ref(x))(x).jaxpr))
+    assert float(jnp.max(jnp.abs(y - y32))) > 1e-3
+
+
+def _heavy_ops(jaxpr) -> list[tuple[str, set[str]]]:
+    """(primitive, input dtypes) of every convolution and dot in ``jaxpr``, nested calls included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+            found.append((eqn.primitive.name, {str(v.aval.dtype) for v in eqn.invars}))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _heavy_ops(inner)
+    return found
 
 
 def test_efficientnet_encoder_features():

@@ -1,5 +1,6 @@
 """Executes every notebook in colab/ top to bottom; any cell error fails the test."""
 
+import os
 import pathlib
 
 import nbformat
@@ -14,9 +15,10 @@ def test_there_are_notebooks():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path, tmp_path):
+def test_notebook_runs(path, tmp_path, private_cache_home):
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
-    client.execute()
+    # The kernel caches (MNI152 renderings, compiled programs) in the session's temporary cache, not the user's.
+    client.execute(env=dict(os.environ, XDG_CACHE_HOME=str(private_cache_home)))
     errors = [o for cell in notebook.cells for o in cell.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors

@@ -294,3 +294,20 @@ def test_synthetic_case_affine_follows_the_zyx_convention(tmp_path):
     back = nifti.read_label(path)
     np.testing.assert_array_equal(back.array, case["label"])
     np.testing.assert_allclose(back.affine, case["affine"])
+
+
+def test_train_data_imports_nothing_above_it():
+    """``train.data`` is the bottom layer of the app: no module in it imports another part of ``train``."""
+    import ast
+    import pathlib
+
+    import train.data
+
+    for path in sorted(pathlib.Path(train.data.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                if name == "train" or name.startswith("train."):
+                    assert name.startswith("train.data"), f"{path.name}:{node.lineno} imports {name}"

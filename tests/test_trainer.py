@@ -21,8 +21,9 @@ SHARDED_STEP = textwrap.dedent(
     """
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    import json
+    import contextlib, json
     import jax, numpy as np, optax
+    import acsjax.ops
     from acsjax.models import build_model
     from train import trainer
 
@@ -45,28 +46,35 @@ SHARDED_STEP = textwrap.dedent(
 
     def one_step(spec, devices):
         mesh = trainer.make_mesh(spec, devices)
-        task = trainer.make_task(build, tx, schedule, 3, mesh, seed=0)
-        state = task.init()
-        before = trainer.host_copy(state["params"])
-        sharded = trainer.shard_batch(batch, mesh)
-        with jax.set_mesh(mesh):
-            new, metrics = trainer.make_step(task)(state, sharded)
+        # The program the app runs: train_and_evaluate switches to XLA's
+        # convolutions whenever depth is split over 'space' (the default
+        # lowering stays for the single-device reference).
+        impl = acsjax.ops.use_conv_impl("xla") if mesh.shape["space"] > 1 else contextlib.nullcontext()
+        with impl:
+            task = trainer.make_task(build, tx, schedule, 3, mesh, seed=0)
+            state = task.init()
+            before = trainer.host_copy(state["params"])
+            sharded = trainer.shard_batch(batch, mesh)
+            with jax.set_mesh(mesh):
+                new, metrics = trainer.make_step(task)(state, sharded)
+            lowering = acsjax.ops.resolve_impl(None, 3)
         assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(new))
         return (trainer.host_copy(new), jax.device_get(metrics),
-                sharded["image"].addressable_shards[0].data.shape, before)
+                sharded["image"].addressable_shards[0].data.shape, before, lowering)
 
     def max_diff(a, b):
         return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
-    ref, ref_metrics, _, before = one_step("", jax.devices()[:1])
-    out = {"moved": max_diff(ref["params"], before), "devices": jax.device_count()}
+    ref, ref_metrics, _, before, ref_lowering = one_step("", jax.devices()[:1])
+    out = {"moved": max_diff(ref["params"], before), "devices": jax.device_count(), "lowering": ref_lowering}
     for spec in ("data=8", "data=1,space=8", "data=2,space=4"):
-        new, metrics, shard_shape, _ = one_step(spec, jax.devices())
+        new, metrics, shard_shape, _, lowering = one_step(spec, jax.devices())
         out[spec] = {
             "loss": abs(float(metrics["loss"]) - float(ref_metrics["loss"])),
             "params": max_diff(new["params"], ref["params"]),
             "stats": max_diff(new["model_state"], ref["model_state"]),
             "shard_shape": list(shard_shape),
+            "lowering": lowering,
         }
     print("RESULT " + json.dumps(out))
     """
@@ -81,10 +89,12 @@ def test_sharded_steps_equal_single_device_step():
     result = json.loads(line[len("RESULT "):])
     assert result["devices"] == 8
     assert result["moved"] > 1e-2  # the step really changed the parameters
+    assert result["lowering"] == "gemm"  # the reference: one CPU device, the default lowering
     expected_shards = {"data=8": [1, 16, 16, 16, 1], "data=1,space=8": [8, 2, 16, 16, 1], "data=2,space=4": [4, 4, 16, 16, 1]}
     for spec, shape in expected_shards.items():
         got = result[spec]
         assert got["shard_shape"] == shape, spec  # batch on 'data', depth on 'space'
+        assert got["lowering"] == ("xla" if "space" in spec else "gemm"), (spec, got)
         # Tolerance 1e-6 absolute: float32 reductions in a different order
         # (measured differences are at most ~1e-7).
         assert got["loss"] <= 1e-6, (spec, got)
@@ -193,3 +203,33 @@ def test_task_class_weights_reach_the_loss():
     assert ce[(1.0, 1.0, 10.0)] > 2 * ce[None]
     with pytest.raises(ValueError, match="2 entries for 3 classes"):
         trainer.make_task(build, optax.sgd(schedule), schedule, 3, mesh, class_weights=(1.0, 1.0))
+
+
+@pytest.mark.slow  # about 25 s of CPU (slices stage, 3D steps, validation), more on a busy machine
+def test_whole_run_with_depth_split_over_two_devices(tmp_path):
+    """``python -m train.main --mesh=data=1,space=2`` on two fake CPU devices, start to finish (with the 2D stage)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    workdir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.main", "--preset=cpu-tiny", "--mesh=data=1,space=2", f"--workdir={workdir}",
+         "--steps=2", "--eval_every=0", "--slices_steps=2"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["devices"] == 2 and summary["mesh"] == {"data": 1, "space": 2}, summary
+    assert summary["steps"] == 2 and np.isfinite(summary["val_dice_mean"]) and 0 <= summary["val_dice_mean"] <= 1
+
+
+def test_use_compilation_cache_defaults_under_the_cache_dir_and_yields_to_the_environment(tmp_path):
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        chosen = str(tmp_path / "elsewhere")
+        assert trainer.use_compilation_cache(str(tmp_path), {"JAX_COMPILATION_CACHE_DIR": chosen}) is None
+        assert jax.config.jax_compilation_cache_dir is None  # JAX itself reads the variable at import
+        assert trainer.use_compilation_cache(str(tmp_path), {}) == str(tmp_path / "jax")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax")
+        assert trainer.use_compilation_cache("/other", {}) == str(tmp_path / "jax")  # set once, kept
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

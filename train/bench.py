@@ -11,7 +11,7 @@ import importlib
 import pkgutil
 import sys
 
-from train import benchmarks
+from train import benchmarks, cli
 
 
 def available() -> list[str]:
@@ -19,6 +19,7 @@ def available() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__) if not m.name.startswith("_"))
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     names = available()

@@ -11,7 +11,6 @@ seeds) and OUT/learning_curves.png.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import csv
 import json
@@ -20,6 +19,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from train import cli
 from train import config as config_lib
 
 
@@ -169,11 +169,12 @@ def base_config(preset: str, *, steps: int = 0, model: str = "", class_weights: 
     return dataclasses.replace(base, eval_every=every, checkpoint_every=every, eval_mirror=False)
 
 
+@cli.entry_point
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.compare", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m train.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--inits", default="scratch,center,average,scale,acs,soft_acs,2.5d")
     parser.add_argument("--pretrained", default="slices", help="2D sources for the inflating inits, comma-separated")
-    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--seeds", type=cli.int_list, default=(0,), help="comma-separated seeds")
     parser.add_argument("--preset", default="demo")
     parser.add_argument("--steps", type=int, default=0, help="3D steps per run (default: the preset's)")
     parser.add_argument("--eval_every", type=int, default=0, help="validation interval (default: steps / 4)")
@@ -184,20 +185,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     inits = [s for s in args.inits.split(",") if s]
     sources = [s for s in args.pretrained.split(",") if s]
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-        base = base_config(args.preset, steps=args.steps, model=args.model, class_weights=args.class_weights,
-                           eval_every=args.eval_every)
-        for init in inits:
-            config_lib.validate(dataclasses.replace(base, init=init))
-        for source in sources:
-            config_lib.validate(dataclasses.replace(base, pretrained=source))
-    except config_lib.ConfigError as err:
-        print(err.line(), file=sys.stderr)
-        return 2
-    except ValueError:
-        print(f"error: --seeds: expected comma-separated integers, got {args.seeds!r}", file=sys.stderr)
-        return 2
+    seeds = args.seeds
+    base = base_config(args.preset, steps=args.steps, model=args.model, class_weights=args.class_weights,
+                       eval_every=args.eval_every)
+    for init in inits:
+        config_lib.validate(dataclasses.replace(base, init=init))
+    for source in sources:
+        config_lib.validate(dataclasses.replace(base, pretrained=source))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []

@@ -194,8 +194,9 @@ FLAG_HELP: dict[str, str] = {
     "task folder) or folder:PATH (imagesTr/labelsTr NIfTI pairs).",
     "workdir": "Run directory: checkpoints, metrics.csv, tensorboard/, config.json, summary.json. A rerun with the "
     "same workdir resumes from the latest good checkpoint.",
-    "cache_dir": "Where sources cache decoded / rendered volumes (default: $XDG_CACHE_HOME/acsjax, "
-    "else ~/.cache/acsjax).",
+    "cache_dir": "Where sources cache decoded / rendered volumes and train.main keeps compiled programs "
+    "(jax/; JAX_COMPILATION_CACHE_DIR overrides that place, empty turns it off) (default: "
+    "$XDG_CACHE_HOME/acsjax, else ~/.cache/acsjax).",
     "model": "Model name for acsjax.models.build_model (unet, resnet18_unet, efficientnet_lite0_unet, ...).",
     "model_option": "Extra model option key=value (repeatable), values as Python literals, e.g. "
     "--model_option=widths=8,16,32 --model_option=norm='batch'.",
@@ -463,9 +464,35 @@ def run_config(config: Config, source) -> dict:
     }
 
 
+# The config.json fields that decide the shapes of the saved train state.
+MODEL_FIELDS = ("model", "dims", "model_options", "deep_supervision", "in_channels", "num_classes")
+
+
+def check_workdir_fits(path, new: dict) -> None:
+    """ConfigError naming --workdir when ``path`` (a config.json next to saved checkpoints) is another model's.
+
+    Resuming would fail on every checkpoint; refusing first keeps the old
+    run's config.json and checkpoints as they are.
+    """
+    path = os.fspath(path)
+    checkpoints = os.path.join(os.path.dirname(path), "checkpoints")
+    if not (os.path.isfile(path) and os.path.isdir(checkpoints) and os.listdir(checkpoints)):
+        return
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return  # unreadable: nothing to compare; restoring decides
+    for key in MODEL_FIELDS:
+        if isinstance(old, dict) and key in old and old[key] != new.get(key):
+            raise ConfigError("workdir", f"{os.path.dirname(path) or '.'} holds checkpoints of another model "
+                              f"({key} {old[key]!r} there, {new.get(key)!r} now); choose a new --workdir")
+
+
 def write_run_config(path, config: Config, source) -> None:
-    """Writes :func:`run_config` as JSON (numpy values become lists)."""
+    """Writes :func:`run_config` as JSON (numpy values become lists), after :func:`check_workdir_fits`."""
     text = json.dumps(run_config(config, source), indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    check_workdir_fits(path, json.loads(text))
     with open(path, "w") as f:
         f.write(text + "\n")
 

@@ -29,14 +29,8 @@ import sys
 
 import numpy as np
 
+from train import cli
 from train.planning import experiment, memory
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line, without the usage text."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
 
 
 def _parse_ints(text: str, n: int | None = None) -> tuple[int, ...]:
@@ -108,8 +102,9 @@ def _dataset_mode(args) -> int:
     return 0
 
 
+@cli.entry_point
 def main(argv=None) -> int:
-    parser = _Parser(prog="python -m train.plan", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m train.plan", description=__doc__.split("\n\n")[0])
     data = parser.add_argument_group("experiment plan from the data")
     data.add_argument("--dataset", default="", help="data spec: msd:PATH, folder:PATH, mni152 or synthetic")
     data.add_argument("--budget_voxels", type=int, default=experiment.DEFAULT_BUDGET_VOXELS,

@@ -32,6 +32,7 @@ from flax import nnx
 
 from acsjax.models import build_model
 from acsjax.trees import flatten, path_str
+from train import cli
 from train.evaluate import eval_view, predict_probabilities
 
 CONFIG = "config.json"
@@ -288,11 +289,12 @@ def predict_file(
         raise PredictError(f"--batch_size: must be at least 1, got {batch_size}")
     if not Path(input_path).is_file():
         raise PredictError(f"{input_path}: file not found")
-    model = build_run_model(config)
-    step = restore_model(workdir, model, which=which)
+    # The input first: a bad file fails before the checkpoint is restored.
     image, shape = read_input(input_path, config)
     if image.shape[-1] != int(config["in_channels"]):
         raise PredictError(f"{input_path}: has {image.shape[-1]} channel(s), the run expects {config['in_channels']}")
+    model = build_run_model(config)
+    step = restore_model(workdir, model, which=which)
     probs = predict_probabilities(
         eval_view(model), image, patch=tuple(config["patch"]), overlap=overlap, mirror=mirror, batch_size=batch_size
     )
@@ -310,7 +312,7 @@ def predict_file(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.predict", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m train.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="the training run directory")
     parser.add_argument("--input", required=True, help="image to segment (.nii or .nii.gz; 4D for several channels)")
     parser.add_argument("--output", required=True, help="label map to write (.nii or .nii.gz)")
@@ -323,17 +325,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@cli.entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     import logging
 
     args = parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's read-only manager warns about its own options
-    try:
-        info = predict_file(args.workdir, args.input, args.output, overlap=args.overlap, mirror=args.mirror,
-                            batch_size=args.batch_size, which=args.checkpoint)
-    except PredictError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    info = predict_file(args.workdir, args.input, args.output, overlap=args.overlap, mirror=args.mirror,
+                        batch_size=args.batch_size, which=args.checkpoint)
     voxels = ", ".join(f"{k} {v}" for k, v in info["voxels"].items())
     print(f"wrote {info['output']} (checkpoint step {info['step']}, shape {tuple(info['shape'])}; voxels: {voxels}) "
           f"in {info['seconds']:.1f}s")

@@ -65,6 +65,24 @@ def maybe_initialize_distributed(environ=os.environ) -> bool:
     return False
 
 
+COMPILATION_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+
+
+def use_compilation_cache(cache_root: str, environ=os.environ) -> str | None:
+    """Keeps compiled programs on disk under ``CACHE_ROOT/jax``, so a rerun or resume skips recompiling.
+
+    ``cache_root`` is the run's cache directory (``Config.cache_path``).
+    ``JAX_COMPILATION_CACHE_DIR`` in the environment overrides the place
+    (empty: no cache); JAX reads it itself. Must run before the first
+    compilation. Returns the directory in use, or None.
+    """
+    if COMPILATION_CACHE_ENV in environ or jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir or None
+    directory = os.path.join(cache_root, "jax")
+    jax.config.update("jax_compilation_cache_dir", directory)
+    return directory
+
+
 def make_mesh(spec: str = "", devices=None) -> jax.sharding.Mesh:
     """A ('data', 'space') mesh over ``devices`` (default: all), e.g. spec 'data=4,space=2'.
 
@@ -354,23 +372,28 @@ def fit(task: Task, state, iterator, progress: Progress, *, start: int, stop: in
     """
     step_fn = make_step(task)
     result = None
-    for step in range(start + 1, stop + 1):
-        batch = shard_batch(next(iterator), task.mesh)
-        with jax.set_mesh(task.mesh):
-            state, metrics = step_fn(state, batch)
-        progress.add(step, metrics)
-        last = step == stop
-        evaluate_now = validate is not None and (last or (eval_every > 0 and step % eval_every == 0))
-        save_now = checkpoints is not None and (last or step % checkpoint_every == 0)
-        if evaluate_now or save_now or last or step % log_every == 0:
-            progress.flush(step)
-        if evaluate_now:
-            result = validate(state, last)
-            progress.restart_clock(step)  # keep validation time out of voxels/s
-            score = task.kind.score
-            progress.validation(step, result)
-            if jax.process_index() == 0:
-                print(f"{progress.name} step {step:>6}/{stop}  {score} {result[score]:.4f}", flush=True)
-        if save_now:
-            checkpoints.save(step, state, iterator, val_dice=result[task.kind.score] if evaluate_now else None)
+    try:
+        for step in range(start + 1, stop + 1):
+            batch = shard_batch(next(iterator), task.mesh)
+            with jax.set_mesh(task.mesh):
+                state, metrics = step_fn(state, batch)
+            progress.add(step, metrics)
+            last = step == stop
+            evaluate_now = validate is not None and (last or (eval_every > 0 and step % eval_every == 0))
+            save_now = checkpoints is not None and (last or step % checkpoint_every == 0)
+            if evaluate_now or save_now or last or step % log_every == 0:
+                progress.flush(step)
+            if evaluate_now:
+                result = validate(state, last)
+                progress.restart_clock(step)  # keep validation time out of voxels/s
+                score = task.kind.score
+                progress.validation(step, result)
+                if jax.process_index() == 0:
+                    print(f"{progress.name} step {step:>6}/{stop}  {score} {result[score]:.4f}", flush=True)
+            if save_now:
+                checkpoints.save(step, state, iterator, val_dice=result[task.kind.score] if evaluate_now else None)
+    except BaseException:
+        if checkpoints is not None:
+            checkpoints.wait()  # whatever stopped the loop, a save under way completes
+        raise
     return state, result

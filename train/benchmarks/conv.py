@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from acsjax import ops
+from train import cli
 
 SMALL_SHAPE = (2, 32, 32, 32, 32)
 TARGETS = {  # ratio name -> (comparison, bound)
@@ -155,7 +156,7 @@ def ratios(median: dict, impl: str) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.bench conv", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m train.bench conv", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", type=_parse_shape, default=(2, 64, 64, 64, 32), help="N,D,H,W,C")
     parser.add_argument("--small", action="store_true", help=f"use the shape {','.join(map(str, SMALL_SHAPE))}")
     parser.add_argument("--out-channels", type=int, default=0, help="default: C")

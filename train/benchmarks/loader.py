@@ -20,22 +20,23 @@ from typing import Sequence
 
 import grain
 
+from train import cli
 from train.data.pipeline import EpochShuffle, make_iterator, patch_dataset
 from train.data.synthetic import SyntheticSource
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.benchmarks.loader", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="python -m train.bench loader", description=__doc__.splitlines()[0])
     p.add_argument("--patch", type=int, default=64, help="cubic patch side")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--size", type=int, default=96, help="cubic synthetic volume side")
     p.add_argument("--cases", type=int, default=8, help="synthetic training cases")
-    p.add_argument("--workers", default="0,2", help="comma-separated worker counts")
+    p.add_argument("--workers", type=cli.int_list, default=(0, 2), help="comma-separated worker counts")
     p.add_argument("--threads", type=int, default=2, help="read threads per process")
     p.add_argument("--warmup", type=int, default=48, help="untimed batches first")
     p.add_argument("--batches", type=int, default=100, help="timed batches")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shuffle-cost", default="", metavar="SIZES",
+    p.add_argument("--shuffle-cost", type=cli.int_list, default=(), metavar="SIZES",
                    help="comma-separated data set sizes: time shuffled index lookups instead")
     return p
 
@@ -75,15 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the benchmark; ``argv`` excludes the program name."""
     args = _parser().parse_args(argv)
     if args.shuffle_cost:
-        for n in (int(v) for v in args.shuffle_cost.split(",")):
+        for n in args.shuffle_cost:
             grain_ms, epoch_ms = shuffle_cost(n)
             print(f"{n} cases: grain shuffle().repeat() {grain_ms:.3f} ms/element, "
                   f"EpochShuffle {epoch_ms:.3f} ms/element")
         return 0
-    try:
-        counts = [int(w) for w in args.workers.split(",")]
-    except ValueError:
-        raise SystemExit(f"--workers must be comma-separated ints, got {args.workers!r}") from None
+    counts = list(args.workers)
     print(f"loader: synthetic {args.size}^3 x {args.cases} cases, patch {args.patch}^3, batch {args.batch}, "
           f"{args.threads} read threads, {args.batches} timed batches after {args.warmup}")
     for workers in counts:

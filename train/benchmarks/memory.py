@@ -13,29 +13,29 @@ Nothing runs: each step is only compiled, for abstract inputs.
 
 from __future__ import annotations
 
-import argparse
 import json
 
+from train import cli
 from train.planning import memory as memory_plan
 
 MIB = 1024**2
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.bench memory", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--widths", default="16,32,64,128", help="U-Net widths")
+    parser = cli.ArgumentParser(prog="python -m train.bench memory", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--widths", type=cli.int_list, default=(16, 32, 64, 128), help="U-Net widths")
     parser.add_argument("--remat_volume", type=int, default=96)
     parser.add_argument("--shard_volume", type=int, default=256)
-    parser.add_argument("--devices", default="1,2,4,8")
+    parser.add_argument("--devices", type=cli.int_list, default=(1, 2, 4, 8))
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    counts = [int(v) for v in args.devices.split(",")]
+    counts = list(args.devices)
     memory_plan.configure_cpu_devices(max(counts))
 
     from train import config as config_lib
 
-    widths = tuple(int(v) for v in args.widths.split(","))
+    widths = args.widths
 
     def config(remat: str):
         return config_lib.preset("gpu", model="unet", model_options={"widths": widths}, remat=remat,

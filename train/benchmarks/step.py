@@ -11,7 +11,6 @@ accelerator the model FLOP utilisation against ``--peak_tflops``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from train import cli
 from train import config as config_lib
 from train import init, trainer
 
@@ -126,10 +126,10 @@ def torch_step(widths, batch_size: int, patch, threads: int):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.bench step", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m train.bench step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--patch", default="64")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--widths", default="16,32,64,128")
+    parser.add_argument("--widths", type=cli.int_list, default=(16, 32, 64, 128))
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--init", default="scale", help="scale/center/average/scratch: 3D; acs: ACS model")
     parser.add_argument("--impls", default="xla,auto", help="acsjax conv lowerings to time")
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
     patch = config_lib.parse_patch(args.patch)
-    widths = tuple(int(w) for w in args.widths.split(","))
+    widths = args.widths
     config = config_lib.preset("gpu", model="unet", model_options={"widths": widths, "norm": "instance"},
                                dtype=args.dtype, remat="", deep_supervision=False, init=args.init)
     voxels = args.batch * int(np.prod(patch))
