@@ -261,18 +261,18 @@ def test_app_trains_soft_acs_from_a_2d_checkpoint(tmp_path):
     import orbax.checkpoint as ocp
 
     from train import config as config_lib
-    from train import init, trainer
+    from train import init, run
     from train.checkpoint import load_arrays
 
     base = config_lib.preset("cpu-tiny", workdir=str(tmp_path / "run"), steps=1, eval_every=0)
-    source = trainer.open_source(base, "train")
+    source = run.open_source(base, "train")
     model2d = init.model_fn(base, in_channels=source.num_channels, num_classes=source.num_classes, dims=2)(nnx.Rngs(3))
     tree2d = nnx.state(model2d).to_pure_dict()
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save((tmp_path / "twin").absolute(), tree2d)
     checkpointer.wait_until_finished()
     config = config_lib.validate(dataclasses.replace(base, init="soft_acs", pretrained=str(tmp_path / "twin")))
-    summary = trainer.train_and_evaluate(config)
+    summary = run.train_and_evaluate(config)
     assert summary["init"] == "soft_acs" and summary["dims"] == "soft_acs"
     _, state = load_arrays(tmp_path / "run" / "checkpoints")
     params = {k.removesuffix("/value"): v for k, v in acsjax.trees.flatten(state["params"]).items()}
