@@ -76,3 +76,32 @@ def test_torch_rows_run():
     for run, _ in cases.values():
         run()
     assert [kind for _, kind in cases.values()] == ["3d", "acs"]
+
+
+def test_softacs_row_when_ops_has_it(monkeypatch):
+    """A SoftACS row appears once ``acsjax.ops.soft_acs_conv`` exists, counted with the 3D FLOPs; a failing one is skipped."""
+    from acsjax import ops
+
+    calls = []
+
+    def soft(x, kernel, view_logits, **kwargs):
+        calls.append(view_logits.shape)
+        return ops.acs_conv(x, kernel, **kwargs) * 1.0
+
+    monkeypatch.setattr(ops, "soft_acs_conv", soft, raising=False)
+    shape = gpu.TINY_SHAPES[0]
+    with ops.use_conv_impl("xla"):
+        rows = gpu.run_convs([shape], ["float32"], 1, False, lambda _: None)
+    soft_row = next(r for r in rows if r["op"] == "acsjax SoftACS")
+    assert calls and calls[0] == (shape[-1], 3)
+    assert soft_row["tflops"] == pytest.approx(gpu.conv_flops(shape, "3d") / soft_row["median_ms"] / 1e9)
+
+    def broken(*args, **kwargs):
+        raise ValueError("not ready")
+
+    monkeypatch.setattr(ops, "soft_acs_conv", broken)
+    logged = []
+    with ops.use_conv_impl("xla"):
+        rows = gpu.run_convs([shape], ["float32"], 1, False, logged.append)
+    assert {r["op"] for r in rows} == {"acsjax 3D", "acsjax ACS"}
+    assert any("SoftACS" in line and "skipped" in line for line in logged)
