@@ -1,12 +1,17 @@
 """3D U-Net train-step throughput: acsjax (each conv lowering) against the same network in PyTorch.
 
-  python -m train.bench step [--patch 64] [--batch 2] [--widths 16,32,64,128] [--repeats 5]
+  python -m train.bench step [--patch 64] [--batch 2] [--widths 16,32,64,128] [--init scale,acs] [--repeats 5] [--runs 3]
 
 One step = forward, Dice + cross-entropy loss, backward and an AdamW update,
 on random (batch, patch^3, 1) inputs with 3 classes. Reports the median step
 time, voxels/s and achieved GFLOP/s (FLOPs from XLA's cost analysis of the
 compiled step, the same count used for the PyTorch column), and on an
 accelerator the model FLOP utilisation against ``--peak_tflops``.
+
+``--init`` may list several initialisations (``scale,acs``: the 3D and the
+ACS U-Net). All steps are compiled first, then timed in interleaved rounds;
+each of ``--runs`` runs gives every later init's step time over the first
+init's (same lowering), reported as min / median / max over the runs.
 """
 
 from __future__ import annotations
@@ -25,14 +30,15 @@ from train import config as config_lib
 from train import init, trainer
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up (and compilation)
-    times = []
+def _rounds(fns: dict, repeats: int) -> dict:
+    """name -> ``repeats`` seconds per call, the calls interleaved round by round."""
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def jax_step(config, batch_size: int, patch, impl: str | None):
@@ -131,44 +137,92 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--widths", type=cli.int_list, default=(16, 32, 64, 128))
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--init", default="scale", help="scale/center/average/scratch: 3D; acs: ACS model")
+    parser.add_argument("--init", default="scale",
+                        help="comma-separated: scale/center/average/scratch: 3D; acs: ACS model; ratios vs the first")
     parser.add_argument("--impls", default="xla,auto", help="acsjax conv lowerings to time")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per step and run")
+    parser.add_argument("--runs", type=int, default=1, help="runs; the ratios' min/median/max are over runs")
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (e.g. 989 for H100 bf16 dense)")
     parser.add_argument("--no_torch", action="store_true")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
+    if args.repeats < 1 or args.runs < 1:
+        parser.error("--repeats and --runs must be >= 1")
     patch = config_lib.parse_patch(args.patch)
-    widths = args.widths
-    config = config_lib.preset("gpu", model="unet", model_options={"widths": widths, "norm": "instance"},
-                               dtype=args.dtype, remat="", deep_supervision=False, init=args.init)
+    widths = tuple(args.widths)
+    inits = args.init.split(",")
+    try:
+        configs = {
+            name: config_lib.preset("gpu", model="unet", model_options={"widths": widths, "norm": "instance"},
+                                    dtype=args.dtype, remat="", deep_supervision=False, init=name)
+            for name in inits
+        }
+        for config in configs.values():
+            config.dims  # noqa: B018 (an unknown init fails here)
+    except (KeyError, ValueError, config_lib.ConfigError) as err:
+        parser.error(f"--init: {err}")
     voxels = args.batch * int(np.prod(patch))
     threads = os.cpu_count() or 1
     device = jax.devices()[0]
-    print(f"U-Net {widths} ({config.dims}) train step, batch {args.batch} x {patch}, {args.dtype}, "
+    dims = ", ".join(f"{name}: {c.dims}" for name, c in configs.items())
+    print(f"U-Net {widths} ({dims}) train step, batch {args.batch} x {patch}, {args.dtype}, "
           f"device {device.device_kind} ({jax.default_backend()}), {threads} threads")
-    print("| implementation | step ms | Mvoxels/s | GFLOP/s | vs PyTorch |\n|---|---|---|---|---|")
-    rows, flops = {}, 0.0
+    fns, flops = {}, {}
     for impl in args.impls.split(","):
-        run, flops = jax_step(config, args.batch, patch, impl)
-        rows[f"acsjax ({impl})"] = _time(run, args.repeats)
-    torch_s = None
-    if not args.no_torch and args.dtype == "float32" and config.dims == 3:
+        for name, config in configs.items():
+            key = f"acsjax ({impl}) {name} ({config.dims})" if len(inits) > 1 else f"acsjax ({impl})"
+            fns[key], flops[key] = jax_step(config, args.batch, patch, impl)
+    want_torch = not args.no_torch and args.dtype == "float32" and any(c.dims == 3 for c in configs.values())
+    if want_torch:
         try:
-            torch_s = _time(torch_step(widths, args.batch, patch, threads), args.repeats)
-            rows["PyTorch"] = torch_s
+            fns["PyTorch"] = torch_step(widths, args.batch, patch, threads)
         except ImportError:
             print("(PyTorch not installed: no PyTorch column)")
+    for fn in fns.values():
+        fn()  # warm-up (compilation is done)
+    times = {name: [] for name in fns}
+    per_run = []
+    for _ in range(args.runs):
+        run_times = _rounds(fns, args.repeats)
+        for name, t in run_times.items():
+            times[name] += t
+        per_run.append(_init_ratios({n: statistics.median(t) for n, t in run_times.items()}, args.impls, configs))
+    rows = {name: statistics.median(t) for name, t in times.items()}
+    torch_s = rows.get("PyTorch")
+    print(f"{args.runs} run(s) x {args.repeats} interleaved steps per row")
+    print("| implementation | step ms | min-max ms | Mvoxels/s | GFLOP/s | vs PyTorch |\n|---|---|---|---|---|---|")
+    ref_flops = next(iter(flops.values()))
     for name, seconds in rows.items():
         ratio = f"{torch_s / seconds:.2f}x" if torch_s else "-"
-        print(f"| {name} | {seconds * 1e3:.0f} | {voxels / seconds / 1e6:.2f} | {flops / seconds / 1e9:.1f} | {ratio} |")
+        t = times[name]
+        print(f"| {name} | {seconds * 1e3:.0f} | {min(t) * 1e3:.0f}-{max(t) * 1e3:.0f} | {voxels / seconds / 1e6:.2f} | "
+              f"{flops.get(name, ref_flops) / seconds / 1e9:.1f} | {ratio} |")
+    spread = {}
+    if per_run and per_run[0]:
+        print("| step time ratio | min | median | max |\n|---|---|---|---|")
+        for name in per_run[0]:
+            values = [r[name] for r in per_run]
+            spread[name] = {"min": min(values), "median": statistics.median(values), "max": max(values)}
+            print(f"| {name} | {min(values):.2f}x | {statistics.median(values):.2f}x | {max(values):.2f}x |")
     if args.peak_tflops:
         best = min(v for k, v in rows.items() if k.startswith("acsjax"))
-        print(f"MFU: {flops / best / 1e12 / args.peak_tflops:.1%} of {args.peak_tflops:g} TFLOP/s")
+        print(f"MFU: {ref_flops / best / 1e12 / args.peak_tflops:.1%} of {args.peak_tflops:g} TFLOP/s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "flops": flops, "voxels": voxels, "device": device.device_kind}, f, indent=2)
+            json.dump({"rows": rows, "times": times, "flops": flops, "voxels": voxels, "device": device.device_kind,
+                       "runs": args.runs, "ratios": spread, "ratios_per_run": per_run}, f, indent=2)
     return 0
+
+
+def _init_ratios(median: dict, impls: str, configs: dict) -> dict:
+    """Per lowering: every later init's step time over the first init's."""
+    names = list(configs)
+    out = {}
+    for impl in impls.split(","):
+        key = lambda n: f"acsjax ({impl}) {n} ({configs[n].dims})"  # noqa: E731
+        for name in names[1:]:
+            out[f"{impl}: {name} / {names[0]}"] = median[key(name)] / median[key(names[0])]
+    return out
 
 
 if __name__ == "__main__":
