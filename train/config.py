@@ -19,9 +19,11 @@ from typing import Any
 
 INITS = ("scratch", "center", "average", "scale", "acs", "2.5d")
 # Datasets whose presets are tuned by hand; every other dataset is planned from its data (see apply_plan).
-BUILTIN_DATASETS = ("mni152", "synthetic")
+BUILTIN_DATASETS = ("mni152", "synthetic", "regions")
 PLAN_MODES = ("auto", "off")
 PRETRAINED = ("slices", "imagenet")
+VDT_PREFIX = "vdt:"  # --pretrained=vdt:SOURCE: VDT pre-training on a 2D labelled image source
+TASK_CHOICES = ("auto", "segmentation", "classification")  # train.tasks.CHOICES, without importing JAX
 DTYPES = ("float32", "bfloat16", "float16")
 # acsjax.ops.CONV_IMPLS, spelled out so that flags parse without importing JAX (a test keeps them equal).
 CONV_IMPLS = ("auto", "xla", "gemm")
@@ -49,6 +51,7 @@ class Config:
     init: str = "scale"
     pretrained: str = ""
     dataset: str = "mni152"
+    task: str = "auto"
     workdir: str = "runs/demo"
     cache_dir: str = ""
     model: str = "unet"
@@ -184,12 +187,20 @@ FLAG_HELP: dict[str, str] = {
     "init": "How the 3D model starts: scratch (random 3D), or inflated from a 2D source with center, "
     "average or scale (full 3D kernels), acs (ACS convolutions, 2D kernels on three planes) or 2.5d "
     "((1, k, k) kernels).",
-    "pretrained": "The 2D source for an inflating --init: slices (train the 2D twin on 2D slices of "
-    "the training volumes first), imagenet (the shipped EfficientNet-Lite0 encoder; needs "
-    "--model=efficientnet_lite0_unet) or a PATH to a .safetensors/.pth file or an Orbax 2D "
-    "checkpoint directory. Default slices; must be empty with --init=scratch.",
-    "dataset": "mni152 (the embedded demo), synthetic, msd:PATH (a Medical Segmentation Decathlon "
-    "task folder) or folder:PATH (imagesTr/labelsTr NIfTI pairs).",
+    "pretrained": "The source for an inflating --init: slices (train the 2D twin on 2D slices of "
+    "the training volumes first; for classification the slices carry their case's class), imagenet (the "
+    "shipped EfficientNet-Lite0 weights; --model=efficientnet_lite0 or efficientnet_lite0_unet), "
+    "vdt:SOURCE (VDT: pre-train the run's own 3D model, or its encoder, as a classifier on a 2D labelled "
+    "image source digits, lfw or folder:PATH read as depth-3 volumes, with depth strides off, for "
+    "--slices_steps steps, then transfer it; WORKDIR/pretrained.json lists what was loaded) or a PATH to a "
+    ".safetensors/.pth file, an Orbax 2D checkpoint directory or a python -m train.pretrain workdir. "
+    "Default slices; must be empty with --init=scratch.",
+    "dataset": "mni152 (the embedded demo), synthetic, regions (the embedded classification demo: which side "
+    "of the brain a cube of an MNI152 rendering touches), msd:PATH (a Medical Segmentation Decathlon "
+    "task folder; integer 'label's in its 'training' list make it a classification data set) or folder:PATH "
+    "(images/ with labels/ NIfTI label maps, or with labels.csv (case,label) for classification).",
+    "task": "auto (classification when the data set gives one class per case, else segmentation), "
+    "segmentation or classification (checked against the data set).",
     "workdir": "Run directory: checkpoints, metrics.csv, tensorboard/, config.json, summary.json. A rerun with the "
     "same workdir resumes from the latest good checkpoint.",
     "cache_dir": "Where sources cache decoded / rendered volumes (default: $XDG_CACHE_HOME/acsjax, "
@@ -226,8 +237,8 @@ FLAG_HELP: dict[str, str] = {
     "checkpoint_every": "Save a checkpoint every N steps (and always at the end).",
     "keep_checkpoints": "Keep the last N checkpoints, plus the best by validation Dice.",
     "log_every": "Print a progress line and a metrics.csv row every N steps.",
-    "slices_steps": "Steps of 2D training on slices for --pretrained=slices.",
-    "slices_batch": "Batch size (2D slices) for --pretrained=slices.",
+    "slices_steps": "Steps of 2D training on slices for --pretrained=slices (and of VDT pre-training for vdt:).",
+    "slices_batch": "Batch size (2D slices, or VDT volumes) for --pretrained=slices or vdt:.",
     "slices_lr": "Peak learning rate of the 2D training on slices (the 3D training after it uses --lr: "
     "a lower rate keeps more of what the 2D network learned).",
     "eval_overlap": "Sliding-window overlap in evaluation, in [0, 1).",
@@ -326,8 +337,14 @@ def validate(config: Config) -> Config:
     if config.init == "scratch" and config.pretrained:
         raise ConfigError("pretrained", "a 2D source makes no sense with --init=scratch; pick an inflating --init")
     source = config.pretrained
-    if source and source not in PRETRAINED and not os.path.exists(source):
-        raise ConfigError("pretrained", f"not slices or imagenet, and no such file or directory: {source}")
+    if source.startswith(VDT_PREFIX):
+        if config.dims != 3:
+            raise ConfigError("pretrained", f"{source}: VDT pre-trains full 3D kernels; use an --init that trains "
+                              f"a 3D model (center, average or scale), not {config.init}")
+    elif source and source not in PRETRAINED and not os.path.exists(source):
+        raise ConfigError("pretrained", f"not slices, imagenet or vdt:SOURCE, and no such file or directory: {source}")
+    if config.task not in TASK_CHOICES:
+        raise ConfigError("task", f"unknown {config.task!r}; choose one of {', '.join(TASK_CHOICES)}")
     if config.dtype not in DTYPES:
         raise ConfigError("dtype", f"unknown {config.dtype!r}; choose one of {', '.join(DTYPES)}")
     parse_mesh(config.mesh)
@@ -455,6 +472,7 @@ def run_config(config: Config, source) -> dict:
         "dataset": config.dataset,
         "preprocessing": dataclasses.asdict(prep) if dataclasses.is_dataclass(prep) else prep,
         "spacing": getattr(source, "spacing", None),
+        "task": config.task if config.task != "auto" else getattr(source, "task", "segmentation"),
         "init": config.init,
         "pretrained": config.pretrained_source,
         "config": to_json(config),

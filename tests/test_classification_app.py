@@ -1,0 +1,186 @@
+"""Classification in the training app, and VDT pre-training: sources, pipeline, task, runs, predict, transfer."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from train import config as config_lib
+from train import losses, pretrain, tasks
+from train.data import class_pipeline, regions, sources
+from train.data.nifti import DataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_regions(tmp_path_factory):
+    """A 16^3 brain-sides data set: 3 training and 1 validation case per class, msd layout."""
+    out = tmp_path_factory.mktemp("regions") / "msd"
+    regions.write_dataset(str(out), cases_per_class=3, val_cases_per_class=1, size=16)
+    return out
+
+
+def _rewrite_label(root, case_index, value, dst):
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["training"] = [dict(e, image=os.path.join(str(root), e["image"])) for e in meta["training"]]
+    meta["training"][case_index]["label"] = value
+    dst.mkdir()
+    (dst / "dataset.json").write_text(json.dumps(meta))
+    return meta["training"][case_index]["image"]
+
+
+# --------------------------------------------------------------------------
+# Sources
+
+
+def test_msd_classification_source_follows_splits_final(tiny_regions):
+    train = sources.make_source(f"msd:{tiny_regions}", "train")
+    val = sources.make_source(f"msd:{tiny_regions}", "val")
+    split = json.loads((tiny_regions / "splits_final.json").read_text())[0]
+    assert [c.name for c in train.cases] == split["train"]
+    assert [c.name for c in val.cases] == split["val"]
+    assert train.task == val.task == "classification"
+    assert train.class_names == regions.CLASS_NAMES and train.num_classes == 4
+    listed = {e["image"].split("/")[-1].removesuffix(".nii.gz"): e["label"]
+              for e in json.loads((tiny_regions / "dataset.json").read_text())["training"]}
+    case = val[0]
+    assert case["class"] == listed[case["name"]] and "label" not in case
+    np.testing.assert_array_equal(train.classes(), [listed[n] for n in split["train"]])
+
+
+def test_folder_layout_with_labels_csv(tmp_path):
+    out = tmp_path / "folder"
+    info = regions.write_dataset(str(out), layout="folder", cases_per_class=1, val_cases_per_class=1, size=16)
+    train = sources.make_source(f"folder:{out}", "train")
+    assert train.task == "classification" and train.class_names == regions.CLASS_NAMES
+    np.testing.assert_array_equal(train.classes(), info["train_labels"])
+    # A class outside the declared ones: one line naming the case.
+    rows = list(csv.reader(open(out / "labels.csv")))
+    rows[2][1] = "9"
+    with open(out / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    with pytest.raises(DataError, match=rf"case {rows[2][0]}: label 9 is not one of the classes 0..3") as err:
+        sources.make_source(f"folder:{out}", "train")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("value", [7, -1, "left"])
+def test_msd_bad_label_names_the_case(tiny_regions, tmp_path, value):
+    image = _rewrite_label(tiny_regions, 2, value, tmp_path / "bad")
+    name = os.path.basename(image).removesuffix(".nii.gz")
+    if value == "left":  # a string that is not a file: reported as a missing label file
+        with pytest.raises(DataError, match="training\\[2\\].label: file not found"):
+            sources.make_source(f"msd:{tmp_path / 'bad'}", "train")
+        return
+    with pytest.raises(DataError, match=f"case {name}: label {value} is not one of the classes 0..3"):
+        sources.make_source(f"msd:{tmp_path / 'bad'}", "train")
+
+
+def test_bad_label_through_the_cli_is_one_line(tiny_regions, tmp_path):
+    image = _rewrite_label(tiny_regions, 1, 12, tmp_path / "bad")
+    name = os.path.basename(image).removesuffix(".nii.gz")
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.main", f"--dataset=msd:{tmp_path / 'bad'}", f"--workdir={tmp_path / 'run'}",
+         f"--cache_dir={tmp_path / 'cache'}"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert f"case {name}: label 12" in lines[0] and lines[0].startswith("error: --dataset:")
+
+
+# --------------------------------------------------------------------------
+# Pipeline and task
+
+
+def test_class_flips_map_the_class_with_the_image():
+    # A 3^3 toy whose class is the face its bright voxel sits on, arranged as the
+    # brain sides are (w: left-right, h: posterior-anterior): flips must move
+    # the voxel and map the class together.
+    where = {0: (1, 1, 0), 1: (1, 1, 2), 2: (1, 2, 1), 3: (1, 0, 1)}
+    flips = class_pipeline.ClassFlips(regions.FLIP_CLASSES)
+    for cls, voxel in where.items():
+        image = np.zeros((3, 3, 3, 1), np.float32)
+        image[voxel] = 1.0
+        seen = set()
+        for seed in range(16):
+            out = flips.random_map({"image": image, "label": np.int32(cls)}, np.random.default_rng(seed))
+            assert tuple(np.argwhere(out["image"][..., 0] == 1)[0]) == where[int(out["label"])]
+            seen.add(int(out["label"]))
+        assert seen == ({0, 1} if cls < 2 else {2, 3})
+
+
+def test_crop_sampler_crops_or_pads_to_the_patch():
+    image = np.arange(6 * 10 * 3, dtype=np.float32).reshape(6, 10, 3, 1)
+    out = class_pipeline.CropSampler((4, 4, 5)).random_map({"image": image, "class": 2}, np.random.default_rng(0))
+    assert out["image"].shape == (4, 4, 5, 1) and out["label"] == 2
+    # Width 3 < 5 is centred with one zero column on each side; the rest is a crop of the image.
+    assert np.all(out["image"][:, :, 0] == 0) and np.all(out["image"][:, :, 4] == 0)
+    inner = out["image"][:, :, 1:4, 0]
+    d0, h0 = np.argwhere(image[..., 0] == inner[0, 0, 0])[0][:2]
+    np.testing.assert_array_equal(inner, image[d0:d0 + 4, h0:h0 + 4, :, 0])
+    centred = class_pipeline.fit_to_patch(image, (2, 2, 3))
+    np.testing.assert_array_equal(centred, image[2:4, 4:6])
+
+
+def test_classification_loss_is_weighted_cross_entropy():
+    logits = jnp.array([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0], [0.5, 0.5, 3.0]])
+    labels = jnp.array([0, 2, 2])
+    weights = (1.0, 2.0, 0.5)
+    loss, parts = tasks.CLASSIFICATION.loss(logits, labels, 3, weights)
+    logp = jax.nn.log_softmax(logits)
+    want = -np.mean([weights[int(y)] * logp[i, int(y)] for i, y in enumerate(labels)])
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
+    np.testing.assert_allclose(parts["ce"], loss)
+    acc = tasks.CLASSIFICATION.step_metrics(logits, labels, 3)["accuracy"]
+    np.testing.assert_allclose(acc, 2 / 3, rtol=1e-6)
+    assert losses.cross_entropy(logits, labels) > 0
+
+
+def test_task_selection_follows_the_data(tiny_regions):
+    source = sources.make_source(f"msd:{tiny_regions}", "train")
+    assert tasks.select("auto", source) is tasks.CLASSIFICATION
+    assert tasks.select("classification", source) is tasks.CLASSIFICATION
+    with pytest.raises(ValueError, match="segmentation needs voxel label maps.*holds one class per case"):
+        tasks.select("segmentation", source)
+    with pytest.raises(config_lib.ConfigError, match="unknown 'detection'") as err:
+        config_lib.preset("cpu-tiny", task="detection")
+    assert err.value.flag == "task"
+
+
+# --------------------------------------------------------------------------
+# VDT transfer (no training)
+
+
+def test_transfer_reports_loaded_adapted_fresh_and_unused():
+    tree = {"conv1": {"kernel": {"value": np.ones((3, 3, 3, 1, 4))}}, "bn1": {"scale": np.full(4, 2.0)},
+            "fc": {"kernel": np.ones((4, 10)), "bias": np.zeros(10)}, "extra": {"bias": np.zeros(2)},
+            "layer1": {"kernel": np.ones((3, 3, 3, 4, 4))}}
+    target = {"encoder/conv1/kernel": np.zeros((3, 3, 3, 2, 4)), "encoder/bn1/scale": np.zeros(4),
+              "encoder/layer1/kernel": np.zeros((1, 3, 3, 4, 4)), "decoder/kernel": np.zeros((3, 3)),
+              "encoder/fc/kernel": np.zeros((4, 10))}
+    values, report = pretrain.transfer(tree, target, prefix="encoder/")
+    assert report["loaded"] == ["encoder/bn1/scale", "encoder/conv1/kernel"]
+    assert report["adapted"] == ["encoder/conv1/kernel"]
+    # 'sum' adaptation: two identical channels respond as the one pre-trained channel did.
+    np.testing.assert_allclose(values["encoder/conv1/kernel"].sum(-2), np.ones((3, 3, 3, 4)))
+    assert report["fresh"] == ["decoder/kernel", "encoder/fc/kernel", "encoder/layer1/kernel"]
+    assert report["mismatched"] == {"encoder/layer1/kernel": [[3, 3, 3, 4, 4], [1, 3, 3, 4, 4]]}
+    assert report["unused"] == ["extra/bias", "fc/bias", "fc/kernel", "layer1/kernel"]
+
+
+def test_classifier_twin():
+    assert pretrain.classifier_twin("resnet18_unet", {"stem_stride": 1, "decoder_widths": (8,)})[::2] == (
+        "resnet18", "encoder/")
+    assert pretrain.classifier_twin("resnet18_unet", {"stem_stride": 1})[1] == {"stem_stride": 1}
+    assert pretrain.classifier_twin("efficientnet_lite0", {})[0] == "efficientnet_lite0"
+    with pytest.raises(pretrain.PretrainError, match="plain unet has no classifier twin"):
+        pretrain.classifier_twin("unet")
