@@ -184,3 +184,101 @@ def test_classifier_twin():
     assert pretrain.classifier_twin("efficientnet_lite0", {})[0] == "efficientnet_lite0"
     with pytest.raises(pretrain.PretrainError, match="plain unet has no classifier twin"):
         pretrain.classifier_twin("unet")
+
+
+# --------------------------------------------------------------------------
+# Runs (a 3D ResNet-18 for two steps; XLA's convolutions compile it fastest on CPU)
+
+
+def _config(dataset, workdir, cache, **overrides):
+    fields = dict(dataset=dataset, workdir=str(workdir), model="resnet18", model_options={}, init="scratch",
+                  conv_impl="xla", steps=2, eval_every=0, checkpoint_every=2, slices_steps=2, cache_dir=str(cache))
+    return config_lib.preset("cpu-tiny", **{**fields, **overrides})
+
+
+def test_classification_run_then_predict(tiny_regions, tmp_path):
+    import acsjax.ops
+    from train import metrics
+    from train import predict as predict_lib
+    from train import run as run_lib
+
+    summary = run_lib.train_and_evaluate(_config(f"msd:{tiny_regions}", tmp_path / "run", tmp_path / "cache"))
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert written["task"] == "classification"
+    for key in ("val_accuracy", "val_balanced_accuracy", "val_auc", "baseline_accuracy"):
+        assert 0.0 <= written[key] <= 1.0, key
+    confusion = np.array(written["confusion"])
+    assert confusion.sum() == 4 and np.trace(confusion) / 4 == pytest.approx(written["val_accuracy"])
+    # The baseline is metrics.baseline_accuracy on the same split, computed here from the files.
+    train = sources.make_source(f"msd:{tiny_regions}", "train")
+    val = sources.make_source(f"msd:{tiny_regions}", "val")
+    b = metrics.baseline_accuracy([c["image"] for c in train], train.classes(), [c["image"] for c in val], val.classes())
+    assert written["baseline_accuracy"] == pytest.approx(max(b.majority, b.histogram))
+    assert summary["val_accuracy"] == written["val_accuracy"]
+    assert (tmp_path / "run" / "confusion.png").stat().st_size > 1000
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "accuracy" in header and "val_balanced_accuracy" in header and "dice" not in header
+
+    # predict writes the class probabilities; they are validation's for the same case.
+    case = written["val_cases"][0]
+    image = os.path.join(str(tiny_regions), "imagesTr", f"{case['name']}.nii.gz")
+    with acsjax.ops.use_conv_impl("xla"):
+        info = predict_lib.predict_file(str(tmp_path / "run"), image, str(tmp_path / "out.json"))
+    out = json.loads((tmp_path / "out.json").read_text())
+    probs = np.array([out["probabilities"][n] for n in regions.CLASS_NAMES])
+    assert probs.sum() == pytest.approx(1.0, abs=1e-5)
+    assert out["label"] == regions.CLASS_NAMES[int(probs.argmax())] == info["label"]
+    np.testing.assert_allclose(probs, case["probabilities"], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_classification_from_slices(tiny_regions, tmp_path):
+    from train import run as run_lib
+
+    run_lib.train_and_evaluate(_config(f"msd:{tiny_regions}", tmp_path / "run", tmp_path / "cache",
+                                       init="scale", pretrained="slices"))
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert written["pretrained"] == "slices" and "val_auc" in written and "baseline_accuracy" in written
+    assert (tmp_path / "run" / "slices2d").is_dir()
+    assert "accuracy" in (tmp_path / "run" / "slices_metrics.csv").read_text().splitlines()[0].split(",")
+
+
+@pytest.mark.slow
+def test_vdt_pretrain_then_load_into_the_run_model(tiny_regions, tmp_path):
+    import orbax.checkpoint as ocp
+
+    from acsjax.trees import flatten
+    from train import init as init_lib
+    from train import trainer
+
+    vdt = tmp_path / "vdt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.pretrain", "--source=digits", "--model=resnet18", "--steps=2", "--batch=8",
+         "--size=16", "--conv_impl=xla", f"--workdir={vdt}"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = json.loads((vdt / pretrain.META).read_text())
+    assert meta["model"] == "resnet18" and meta["pool_depth"] is False and meta["num_classes"] == 10
+    assert (vdt / "checkpoints").is_dir() and (vdt / pretrain.STATE_DIR).is_dir()
+
+    # --pretrained=PATH: the run's 3D model (real depth strides, 4 classes) starts from it.
+    config = _config(f"msd:{tiny_regions}", tmp_path / "run", tmp_path / "cache", init="scale", pretrained=str(vdt))
+    source = sources.make_source(f"msd:{tiny_regions}", "train")
+    build = init_lib.model_fn(config, in_channels=1, num_classes=4, dims=3)
+    task = trainer.make_task(build, trainer.make_optimizer(lambda s: 1e-3, weight_decay=0.0, grad_clip=0.0),
+                             lambda s: 1e-3, 4, trainer.make_mesh(""), 0, None, tasks.CLASSIFICATION)
+    fresh_state = task.init()
+    (tmp_path / "run").mkdir()
+    state = init_lib.initialize(config, task, fresh_state, source, tmp_path / "run")
+    report = json.loads((tmp_path / "run" / init_lib.PRETRAINED_REPORT).read_text())
+    assert report["fresh"] == ["fc/bias", "fc/kernel"] and not report["mismatched"]
+    assert report["unused"] == ["fc/bias", "fc/kernel"]
+    saved = {k.removesuffix("/value"): v for k, v in flatten(ocp.StandardCheckpointer().restore(
+        (vdt / pretrain.STATE_DIR).absolute())).items()}
+    got = {**flatten(state["params"]), **flatten(state["model_state"])}
+    assert sorted(report["loaded"]) == sorted(k for k in got if not k.startswith("fc/"))
+    for path in report["loaded"]:
+        np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(saved[path]), err_msg=path)
+    before = flatten(fresh_state["params"])
+    np.testing.assert_array_equal(np.asarray(got["fc/kernel"]), np.asarray(before["fc/kernel"]))

@@ -246,6 +246,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log_every", type=int, default=50)
     parser.add_argument("--checkpoint_every", type=int, default=100)
+    parser.add_argument("--conv_impl", default="", help="convolution lowering: auto, xla or gemm "
+                        "(empty: ACSJAX_CONV_IMPL, else auto); see python -m train.main --help")
     return parser.parse_args(argv)
 
 
@@ -256,14 +258,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parse_args(argv)
     logging.getLogger("absl").setLevel(logging.WARNING)
+    import contextlib
+
+    import acsjax.ops
+
     try:
         for name in ("steps", "batch", "size", "log_every", "checkpoint_every"):
             if getattr(args, name) < 1:
                 raise PretrainError(f"--{name}: must be at least 1, got {getattr(args, name)}")
-        pretrain(args.source, args.model, args.workdir, options=parse_model_options(args.model_option),
-                 steps=args.steps, batch=args.batch, lr=args.lr, size=args.size, seed=args.seed,
-                 log_every=args.log_every, checkpoint_every=args.checkpoint_every,
-                 warmup_steps=min(50, args.steps // 5))
+        if args.conv_impl and args.conv_impl not in acsjax.ops.CONV_IMPLS:
+            raise PretrainError(f"--conv_impl: unknown {args.conv_impl!r}; choose one of {', '.join(acsjax.ops.CONV_IMPLS)}")
+        lowering = acsjax.ops.use_conv_impl(args.conv_impl) if args.conv_impl else contextlib.nullcontext()
+        with lowering:
+            pretrain(args.source, args.model, args.workdir, options=parse_model_options(args.model_option),
+                     steps=args.steps, batch=args.batch, lr=args.lr, size=args.size, seed=args.seed,
+                     log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+                     warmup_steps=min(50, args.steps // 5))
     except (PretrainError, ConfigError) as err:
         print(err.line() if isinstance(err, ConfigError) else f"error: {err}", file=sys.stderr)
         return 2

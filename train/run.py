@@ -219,7 +219,10 @@ def _run(config: Config) -> dict:
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     kind = select_task(config)
-    config = dataclasses.replace(config, task=kind.name)
+    try:
+        config = tasks.fit_model(kind, dataclasses.replace(config, task=kind.name))
+    except ValueError as err:
+        raise ConfigError("model", str(err)) from None
     config, plan = resolve_plan(config, workdir, kind)
     mesh = trainer.make_mesh(config.mesh)
     trainer.check_batch_fits(mesh, config.batch, config.patch[0])

@@ -48,6 +48,13 @@ class Segmentation:
     # Batch label layout on the mesh: (batch, depth, ...) like the image.
     label_axes = ("data", "space")
     required = ("val_dice", "val_dice_mean", "baseline_threshold_dice")
+    default_model = "unet"
+
+    def accepts(self, model: str) -> bool:
+        """Whether ``model`` (an acsjax.models name) outputs what this task learns: a voxel map."""
+        from acsjax.models import SEGMENTATION as SEGMENTATION_MODELS
+
+        return model in SEGMENTATION_MODELS
 
     def loss(self, outputs, labels, num_classes: int, class_weights):
         return losses.segmentation_loss(outputs, labels, num_classes, class_weights)
@@ -139,6 +146,13 @@ class Classification:
     step_metric = "accuracy"
     label_axes = ("data",)
     required = ("val_accuracy", "val_balanced_accuracy", "val_auc", "baseline_accuracy")
+    default_model = "resnet18"
+
+    def accepts(self, model: str) -> bool:
+        """Whether ``model`` outputs one vector of logits per case (a classifier)."""
+        from acsjax.models import MODELS, SEGMENTATION as SEGMENTATION_MODELS
+
+        return model in MODELS and model not in SEGMENTATION_MODELS
 
     def loss(self, outputs, labels, num_classes: int, class_weights):
         logits = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
@@ -223,6 +237,20 @@ def get(name: str):
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
     return TASKS[name]
+
+
+def fit_model(kind, config):
+    """``config`` with a model that serves ``kind``: a preset's model of the other task becomes the
+    task's ``default_model`` (without the preset's options); an explicit --model that cannot serve it
+    is a ValueError."""
+    import dataclasses
+
+    if kind.accepts(config.model):
+        return config
+    if "model" in config.explicit:
+        raise ValueError(f"{config.model} does not fit a {kind.name} task; use e.g. {kind.default_model}")
+    options = {k: v for k, v in config.model_options.items() if f"model_option:{k}" in config.explicit}
+    return dataclasses.replace(config, model=kind.default_model, model_options=options)
 
 
 def select(name: str, source):
