@@ -282,3 +282,24 @@ def test_vdt_pretrain_then_load_into_the_run_model(tiny_regions, tmp_path):
         np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(saved[path]), err_msg=path)
     before = flatten(fresh_state["params"])
     np.testing.assert_array_equal(np.asarray(got["fc/kernel"]), np.asarray(before["fc/kernel"]))
+
+
+def test_imagenet_weights_load_into_a_2d_classifier_twin():
+    from flax import nnx
+
+    from acsjax import pretrained
+    from acsjax.models import build_model
+    from acsjax.statedict import load_state_dict
+    from train import init as init_lib
+
+    model = nnx.eval_shape(lambda: build_model("efficientnet_lite0", dims=2, in_channels=1, num_classes=4,
+                                               rngs=nnx.Rngs(0)))
+    nnx.update(model, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), nnx.state(model)))
+    init_lib._load_weights(model, "imagenet")
+    sd = load_state_dict(pretrained.efficientnet_lite0_weights_path())
+    stem = np.transpose(sd["_conv_stem.weight"], (2, 3, 1, 0))
+    np.testing.assert_allclose(model.conv_stem.kernel[...], stem.sum(axis=2, keepdims=True), rtol=1e-6)
+    assert model.fc.kernel.shape == (1280, 4) and not np.any(model.fc.kernel[...])  # the 4-class head stays fresh
+    resnet = nnx.eval_shape(lambda: build_model("resnet18", dims=2, in_channels=1, num_classes=4, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="no installed package ships ResNet ImageNet weights"):
+        init_lib._load_weights(resnet, "imagenet")
