@@ -303,3 +303,15 @@ def test_imagenet_weights_load_into_a_2d_classifier_twin():
     resnet = nnx.eval_shape(lambda: build_model("resnet18", dims=2, in_channels=1, num_classes=4, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="no installed package ships ResNet ImageNet weights"):
         init_lib._load_weights(resnet, "imagenet")
+
+
+def test_the_classification_demo_is_the_regions_preset():
+    from absl import flags
+
+    for argv in (["--dataset=regions"], ["--task=classification"]):
+        fv = flags.FlagValues()
+        config_lib.define_flags(fv)
+        fv(["train.main", *argv])
+        config = config_lib.from_flags(fv)
+        assert config.dataset == "regions" and config.model == "resnet18" and config.init == "scratch"
+        assert not config.planned and config.workdir == "runs/regions"

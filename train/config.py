@@ -222,7 +222,8 @@ FLAG_HELP: dict[str, str] = {
     "task folder; integer 'label's in its 'training' list make it a classification data set) or folder:PATH "
     "(images/ with labels/ NIfTI label maps, or with labels.csv (case,label) for classification).",
     "task": "auto (classification when the data set gives one class per case, else segmentation), "
-    "segmentation or classification (checked against the data set).",
+    "segmentation or classification (checked against the data set). Without --dataset, "
+    "--task=classification runs the classification demo (regions).",
     "workdir": "Run directory: checkpoints, metrics.csv, tensorboard/, config.json, summary.json. A rerun with the "
     "same workdir resumes from the latest good checkpoint.",
     "cache_dir": "Where sources cache decoded / rendered volumes (default: $XDG_CACHE_HOME/acsjax, "
@@ -548,7 +549,9 @@ def from_flags(flag_values=None) -> Config:
     from absl import flags
 
     fv = flag_values if flag_values is not None else flags.FLAGS
-    dataset = fv["dataset"].value or PRESETS["demo"].dataset
+    # Without --dataset, the embedded demo of the task asked for (--task=classification: regions).
+    demo = PRESETS["classify"] if fv["task"].value == "classification" else PRESETS["demo"]
+    dataset = fv["dataset"].value or demo.dataset
     name = fv.preset or default_preset(dataset)
     if name not in PRESETS:
         raise ConfigError("preset", f"unknown {name!r}; choose one of {', '.join(PRESETS)}")
