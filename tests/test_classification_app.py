@@ -315,3 +315,18 @@ def test_the_classification_demo_is_the_regions_preset():
         config = config_lib.from_flags(fv)
         assert config.dataset == "regions" and config.model == "resnet18" and config.init == "scratch"
         assert not config.planned and config.workdir == "runs/regions"
+
+
+def test_a_segmentation_model_on_classification_data_names_the_flag(tiny_regions, tmp_path):
+    from train import run as run_lib
+
+    config = config_lib.preset("cpu-tiny", dataset=f"msd:{tiny_regions}", workdir=str(tmp_path / "run"),
+                               model="unet", init="scratch", cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(config_lib.ConfigError) as err:
+        run_lib.train_and_evaluate(config)
+    assert err.value.line() == "error: --model: unet does not fit a classification task; use e.g. resnet18"
+    forced = config_lib.preset("cpu-tiny", dataset=f"msd:{tiny_regions}", workdir=str(tmp_path / "run"),
+                               task="segmentation", init="scratch", cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(config_lib.ConfigError) as err:
+        run_lib.train_and_evaluate(forced)
+    assert err.value.flag == "task" and "holds one class per case" in str(err.value)

@@ -134,8 +134,7 @@ def resolve_plan(config: Config, workdir: Path, kind=tasks.SEGMENTATION) -> tupl
         plan = _read_plan(Path(config.plan), "plan")
     else:
         plan = make_plan(config, workdir)
-    if kind is not tasks.SEGMENTATION:
-        plan = {k: v for k, v in plan.items() if k != "class_weights"}
+    plan = {k: v for k, v in plan.items() if k not in kind.plan_ignores}
     return apply_plan(config, plan), plan
 
 

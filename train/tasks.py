@@ -22,7 +22,10 @@ holds those differences; the loop (:mod:`train.trainer`) and the run
   takes from a validation result, ``required``: the ones it must hold;
   ``headline(summary)``: the closing log line;
 - ``predict(model, image, shape, config, input_path, output_path, **options)``:
-  what ``train.predict`` writes for one input file.
+  what ``train.predict`` writes for one input file;
+- attributes: ``name``, ``score``, ``step_metric`` (the metrics.csv column),
+  ``label_axes`` (how a batch's labels lie on the mesh), ``default_model`` and
+  ``accepts(model)`` (which models fit), ``plan_ignores`` (plan entries not taken).
 
 ``TASKS`` names them; :func:`select` is the one place that picks a run's task
 (``--task``, else the training source's ``task``); ``config.json`` records it,
@@ -49,6 +52,7 @@ class Segmentation:
     label_axes = ("data", "space")
     required = ("val_dice", "val_dice_mean", "baseline_threshold_dice")
     default_model = "unet"
+    plan_ignores = ()  # plan.json entries a run of this task does not take
 
     def accepts(self, model: str) -> bool:
         """Whether ``model`` (an acsjax.models name) outputs what this task learns: a voxel map."""
@@ -147,6 +151,8 @@ class Classification:
     label_axes = ("data",)
     required = ("val_accuracy", "val_balanced_accuracy", "val_auc", "baseline_accuracy")
     default_model = "resnet18"
+    # The plan's class weights count voxels; balanced weights here count cases (class_counts).
+    plan_ignores = ("class_weights",)
 
     def accepts(self, model: str) -> bool:
         """Whether ``model`` outputs one vector of logits per case (a classifier)."""
@@ -245,8 +251,10 @@ def fit_model(kind, config):
     is a ValueError."""
     import dataclasses
 
-    if kind.accepts(config.model):
-        return config
+    from acsjax.models import MODELS
+
+    if config.model not in MODELS or kind.accepts(config.model):
+        return config  # an unknown name is reported where the model is built
     if "model" in config.explicit:
         raise ValueError(f"{config.model} does not fit a {kind.name} task; use e.g. {kind.default_model}")
     options = {k: v for k, v in config.model_options.items() if f"model_option:{k}" in config.explicit}
