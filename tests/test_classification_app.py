@@ -197,7 +197,6 @@ def _config(dataset, workdir, cache, **overrides):
 
 
 def test_classification_run_then_predict(tiny_regions, tmp_path):
-    import acsjax.ops
     from train import metrics
     from train import predict as predict_lib
     from train import run as run_lib
@@ -222,8 +221,7 @@ def test_classification_run_then_predict(tiny_regions, tmp_path):
     # predict writes the class probabilities; they are validation's for the same case.
     case = written["val_cases"][0]
     image = os.path.join(str(tiny_regions), "imagesTr", f"{case['name']}.nii.gz")
-    with acsjax.ops.use_conv_impl("xla"):
-        info = predict_lib.predict_file(str(tmp_path / "run"), image, str(tmp_path / "out.json"))
+    info = predict_lib.predict_file(str(tmp_path / "run"), image, str(tmp_path / "out.json"))
     out = json.loads((tmp_path / "out.json").read_text())
     probs = np.array([out["probabilities"][n] for n in regions.CLASS_NAMES])
     assert probs.sum() == pytest.approx(1.0, abs=1e-5)

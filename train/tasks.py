@@ -222,8 +222,15 @@ class Classification:
 
         from train import classify
 
+        import contextlib
+
+        import acsjax.ops
+
         del shape, overlap, mirror, batch_size  # one centred view per case, as in validation
-        probs = classify.predict_probabilities(model, [image], tuple(config["patch"]))[0]
+        impl = (config.get("config") or {}).get("conv_impl") or ""
+        # The run's convolution lowering (the classify preset's XLA compiles its ResNet far sooner).
+        with acsjax.ops.use_conv_impl(impl) if impl else contextlib.nullcontext():
+            probs = classify.predict_probabilities(model, [image], tuple(config["patch"]))[0]
         names = config.get("class_names") or [str(i) for i in range(len(probs))]
         out = classify.probabilities_json(probs, names)
         with open(output_path, "w") as f:
