@@ -328,3 +328,38 @@ def test_a_segmentation_model_on_classification_data_names_the_flag(tiny_regions
     with pytest.raises(config_lib.ConfigError) as err:
         run_lib.train_and_evaluate(forced)
     assert err.value.flag == "task" and "holds one class per case" in str(err.value)
+
+
+def test_splits_final_decides_a_segmentation_split_too(tmp_path):
+    from train.data import nifti
+
+    rng = np.random.default_rng(0)
+    training = []
+    for i in range(5):
+        for kind, array in (("images", rng.normal(size=(6, 5, 4)).astype(np.float32)),
+                            ("labels", rng.integers(0, 2, (6, 5, 4)).astype(np.uint8))):
+            nifti.write_file(array, np.eye(4), str(tmp_path / "seg" / f"{kind}Tr" / f"case_{i:02d}.nii.gz"))
+        training.append({"image": f"./imagesTr/case_{i:02d}.nii.gz", "label": f"./labelsTr/case_{i:02d}.nii.gz"})
+    meta = {"modality": {"0": "MR"}, "labels": {"0": "background", "1": "organ"}, "training": training}
+    (tmp_path / "seg" / "dataset.json").write_text(json.dumps(meta))
+    root = str(tmp_path / "seg")
+    wanted = {"train": ["case_04", "case_00", "case_02"], "val": ["case_03"]}  # case_01 in neither
+    (tmp_path / "seg" / "splits_final.json").write_text(json.dumps([wanted, {"train": [], "val": []}]))
+    train = sources.make_source(f"msd:{root}", "train")
+    val = sources.make_source(f"msd:{root}", "val")
+    assert train.task == "segmentation" and "label" in val[0]
+    assert [c.name for c in train.cases] == wanted["train"] and [c.name for c in val.cases] == wanted["val"]
+    (tmp_path / "seg" / "splits_final.json").write_text(json.dumps([{"train": ["case_09"], "val": []}]))
+    with pytest.raises(DataError, match="splits_final.json: case case_09 is not among the labelled cases"):
+        sources.make_source(f"msd:{root}", "train")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("init", ["acs", "2.5d"])
+def test_acs_and_2_5d_classifiers_from_slices(tiny_regions, tmp_path, init):
+    from train import run as run_lib
+
+    summary = run_lib.train_and_evaluate(_config(f"msd:{tiny_regions}", tmp_path / "run", tmp_path / "cache",
+                                                 init=init, pretrained="slices"))
+    assert summary["dims"] == init and 0.0 <= summary["val_auc"] <= 1.0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["dims"] == init
