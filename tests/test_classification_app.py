@@ -363,3 +363,26 @@ def test_acs_and_2_5d_classifiers_from_slices(tiny_regions, tmp_path, init):
                                                  init=init, pretrained="slices"))
     assert summary["dims"] == init and 0.0 <= summary["val_auc"] <= 1.0
     assert json.loads((tmp_path / "run" / "config.json").read_text())["dims"] == init
+
+
+def test_vdt_classifier_fits_a_unet_encoder_with_real_strides():
+    """Depth strides change no kernel shape: every encoder entry of an isotropic U-Net loads from the
+    pool_depth=False classifier (the stem adapted to two channels); the rest is reported, not dropped."""
+    from flax import nnx
+
+    from acsjax.models import build_model
+    from acsjax.trees import flatten
+
+    classifier = nnx.eval_shape(lambda: build_model("resnet18", dims=3, in_channels=1, num_classes=10,
+                                                    rngs=nnx.Rngs(0), pool_depth=False))
+    unet = nnx.eval_shape(lambda: build_model("resnet18_unet", dims=3, in_channels=2, num_classes=3,
+                                              rngs=nnx.Rngs(0)))
+    tree = jax.tree.map(lambda a: np.ones(a.shape, a.dtype), nnx.state(classifier).to_pure_dict())
+    target = flatten(nnx.state(unet).to_pure_dict())
+    values, report = pretrain.transfer(tree, target, prefix="encoder/")
+    encoder = sorted(p for p in target if p.startswith("encoder/"))
+    assert report["loaded"] == encoder and report["adapted"] == ["encoder/conv1/kernel"]
+    assert report["fresh"] == sorted(p for p in target if not p.startswith("encoder/")) and report["fresh"]
+    assert report["unused"] == ["fc/bias", "fc/kernel"] and not report["mismatched"]
+    for path in encoder:
+        assert values[path].shape == target[path].shape
