@@ -386,3 +386,13 @@ def test_vdt_classifier_fits_a_unet_encoder_with_real_strides():
     assert report["unused"] == ["fc/bias", "fc/kernel"] and not report["mismatched"]
     for path in encoder:
         assert values[path].shape == target[path].shape
+
+
+def test_pretrain_cli_errors_are_one_line(tmp_path, capsys):
+    assert pretrain.main(["--source=nope", f"--workdir={tmp_path / 'a'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --source: unknown 2D image source 'nope'") and "\n" not in err
+    assert pretrain.main(["--model=unet", f"--workdir={tmp_path / 'b'}"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --model: the plain unet has no classifier twin")
+    assert pretrain.main(["--steps=0", f"--workdir={tmp_path / 'c'}"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --steps: must be at least 1, got 0"
