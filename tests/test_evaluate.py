@@ -337,7 +337,7 @@ def test_predict_errors_name_the_file(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_predict_reproduces_the_runs_validation(tmp_path):
     """Train the cpu-tiny preset, then segment its validation case from a NIfTI file: same Dice as summary.json."""
-    from train import config, metrics, run, trainer
+    from train import config, metrics, run
 
     cfg = config.preset("cpu-tiny", workdir=str(tmp_path / "run"), init="scratch")
     summary = run.train_and_evaluate(cfg)
@@ -361,7 +361,7 @@ def test_predict_reproduces_the_runs_validation(tmp_path):
 def test_eval_mirror_applies_to_the_final_validation_only(tmp_path, monkeypatch):
     """--eval_mirror: intermediate validations stay single-pass, the final one averages 8 mirrored passes."""
     import train.evaluate
-    from train import config, run, trainer
+    from train import config, run
 
     calls = []
     original = train.evaluate.evaluate

@@ -11,7 +11,7 @@ import pytest
 from absl import flags
 
 from train import config as config_lib
-from train import report, tensorboard, trainer
+from train import report, tensorboard
 from train import run as run_lib
 
 

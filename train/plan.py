@@ -22,7 +22,6 @@ Every user error prints one line, ``error: ...``, naming the file or flag.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys

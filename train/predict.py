@@ -1,8 +1,14 @@
-"""Segment a NIfTI file with a trained run.
+"""Segment (or classify) a NIfTI file with a trained run.
 
 ::
 
   python -m train.predict --workdir runs/demo --input scan.nii.gz --output seg.nii.gz [--overlap 0.5] [--mirror]
+  python -m train.predict --workdir runs/regions --input case.nii.gz --output case.json
+
+A classification run (``task`` in ``config.json``) writes the class
+probabilities as JSON, ``{"probabilities": {"class name": p, ...}, "label":
+"the most probable class"}``; what is written is the task's
+(:mod:`train.tasks`).
 
 Restores the run's best checkpoint (by validation Dice; the newest if none was
 validated, or ``--checkpoint=latest``) and ``WORKDIR/config.json``, reads the
@@ -32,8 +38,7 @@ from flax import nnx
 
 from acsjax.models import build_model
 from acsjax.trees import flatten, path_str
-from train import cli
-from train.evaluate import eval_view, predict_probabilities
+from train import cli, tasks
 
 CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -293,29 +298,23 @@ def predict_file(
     image, shape = read_input(input_path, config)
     if image.shape[-1] != int(config["in_channels"]):
         raise PredictError(f"{input_path}: has {image.shape[-1]} channel(s), the run expects {config['in_channels']}")
+    try:
+        kind = tasks.get(config.get("task") or "segmentation")
+    except ValueError as err:
+        raise PredictError(f"{CONFIG}: {err}") from None
     model = build_run_model(config)
     step = restore_model(workdir, model, which=which)
-    probs = predict_probabilities(
-        eval_view(model), image, patch=tuple(config["patch"]), overlap=overlap, mirror=mirror, batch_size=batch_size
-    )
-    labels = back_to_input_grid(probs, shape)
-    write_output(labels, input_path, output_path)
-    counts = np.bincount(labels.ravel(), minlength=int(config["num_classes"]))
-    names = config.get("class_names") or [f"class{i}" for i in range(len(counts))]
-    return {
-        "output": str(output_path),
-        "step": step,
-        "shape": list(labels.shape),
-        "voxels": {str(n): int(c) for n, c in zip(names, counts)},
-        "seconds": round(time.perf_counter() - start, 2),
-    }
+    info = kind.predict(model, image, shape, config, input_path, output_path, overlap=overlap, mirror=mirror,
+                        batch_size=batch_size)
+    return {"output": str(output_path), "step": step, **info, "seconds": round(time.perf_counter() - start, 2)}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = cli.ArgumentParser(prog="python -m train.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="the training run directory")
     parser.add_argument("--input", required=True, help="image to segment (.nii or .nii.gz; 4D for several channels)")
-    parser.add_argument("--output", required=True, help="label map to write (.nii or .nii.gz)")
+    parser.add_argument("--output", required=True, help="label map to write (.nii or .nii.gz); for a "
+                        "classification run, the JSON file of class probabilities")
     parser.add_argument("--overlap", type=float, default=None, help="sliding-window overlap in [0, 1) "
                         "(default: the run's eval_overlap)")
     parser.add_argument("--mirror", action="store_true", help="mirror test-time augmentation (8x slower in 3D)")
@@ -333,9 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's read-only manager warns about its own options
     info = predict_file(args.workdir, args.input, args.output, overlap=args.overlap, mirror=args.mirror,
                         batch_size=args.batch_size, which=args.checkpoint)
-    voxels = ", ".join(f"{k} {v}" for k, v in info["voxels"].items())
-    print(f"wrote {info['output']} (checkpoint step {info['step']}, shape {tuple(info['shape'])}; voxels: {voxels}) "
-          f"in {info['seconds']:.1f}s")
+    print(f"wrote {info['output']} (checkpoint step {info['step']}, {info['described']}) in {info['seconds']:.1f}s")
     return 0
 
 

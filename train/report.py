@@ -18,6 +18,8 @@ import numpy as np
 SUMMARY = "summary.json"
 FIGURE = "validation.png"
 REQUIRED = ("init", "pretrained", "steps", "val_dice", "val_dice_mean", "baseline_threshold_dice", "wall_s")
+# What every run's summary holds, whatever its task (train.tasks adds its own metrics).
+COMMON = ("init", "pretrained", "steps", "wall_s")
 # Distinct on grey images and for common colour-vision deficiencies (Okabe-Ito).
 COLORS = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#FFFFFF")
 
@@ -55,14 +57,16 @@ def summary_from_evaluation(evaluation: Mapping[str, Any], **fields) -> dict[str
     return out
 
 
-def write_summary(workdir: str, summary: Mapping[str, Any], *, filename: str = SUMMARY) -> str:
+def write_summary(workdir: str, summary: Mapping[str, Any], *, filename: str = SUMMARY,
+                  required: Sequence[str] = REQUIRED) -> str:
     """Writes ``WORKDIR/summary.json`` (sorted keys, indented) atomically; returns its path.
 
-    ``summary`` must hold at least the ``REQUIRED`` fields: init, pretrained,
-    steps, val_dice (per class), val_dice_mean, baseline_threshold_dice
-    (None when not computed) and wall_s. Non-finite floats become null.
+    ``summary`` must hold at least the ``required`` fields, by default a
+    segmentation run's ``REQUIRED``: init, pretrained, steps, val_dice (per
+    class), val_dice_mean, baseline_threshold_dice (None when not computed)
+    and wall_s. Non-finite floats become null.
     """
-    missing = [k for k in REQUIRED if k not in summary]
+    missing = [k for k in required if k not in summary]
     if missing:
         raise ValueError(f"{filename}: summary lacks required fields {missing}")
     os.makedirs(workdir, exist_ok=True)

@@ -54,12 +54,13 @@ def open_source(config: Config, split: str, *, spacing=None):
         raise ConfigError("dataset", str(err).strip().splitlines()[0]) from None
 
 
-def class_weights_of(config: Config, source) -> tuple[float, ...] | None:
+def class_weights_of(config: Config, source, kind=tasks.SEGMENTATION) -> tuple[float, ...] | None:
     """The cross-entropy weights ``--class_weights`` asks for, for ``source``'s classes.
 
-    'balanced' counts label voxels in the training cases (at most
-    ``MAX_CASES_FOR_CLASS_WEIGHTS``, evenly spaced, so a large dataset does
-    not delay the start by a full pass) and returns
+    'balanced' counts examples per class with the task's ``class_counts``:
+    label voxels in the training cases (at most ``MAX_CASES_FOR_CLASS_WEIGHTS``,
+    evenly spaced, so a large dataset does not delay the start by a full pass)
+    for segmentation, cases for classification; and returns
     :func:`train.losses.balanced_class_weights`.
     """
     weights = parse_class_weights(config.class_weights)
@@ -70,10 +71,7 @@ def class_weights_of(config: Config, source) -> tuple[float, ...] | None:
             raise ConfigError("class_weights", f"got {len(weights)} weights for {source.num_classes} classes")
         return weights
     picks = np.unique(np.linspace(0, len(source) - 1, min(len(source), MAX_CASES_FOR_CLASS_WEIGHTS)).round().astype(int))
-    counts = np.zeros(source.num_classes, np.int64)
-    for index in picks:
-        label = np.asarray(source[int(index)]["label"])
-        counts += np.bincount(label.ravel(), minlength=source.num_classes)[: source.num_classes]
+    counts = kind.class_counts(source, picks)
     try:
         return losses.balanced_class_weights(counts)
     except ValueError as err:
@@ -119,11 +117,13 @@ def make_plan(config: Config, workdir: Path) -> dict:
     return {**plan.to_json(), "dataset": config.dataset}
 
 
-def resolve_plan(config: Config, workdir: Path) -> tuple[Config, dict | None]:
+def resolve_plan(config: Config, workdir: Path, kind=tasks.SEGMENTATION) -> tuple[Config, dict | None]:
     """``(the config this run uses, its plan or None)`` for a planned config; unplanned configs pass through.
 
     Order: WORKDIR/plan.json of an earlier run in this workdir, else --plan=PATH,
-    else a new plan from the data.
+    else a new plan from the data. A classification run takes the plan's
+    spacing, patch and batch; its class weights are counted from the cases'
+    classes (the plan's come from voxel labels), so they are not taken.
     """
     if not config.planned:
         return config, None
@@ -134,7 +134,17 @@ def resolve_plan(config: Config, workdir: Path) -> tuple[Config, dict | None]:
         plan = _read_plan(Path(config.plan), "plan")
     else:
         plan = make_plan(config, workdir)
+    plan = {k: v for k, v in plan.items() if k not in kind.plan_ignores}
     return apply_plan(config, plan), plan
+
+
+def select_task(config: Config):
+    """The run's task (:func:`train.tasks.select`): --task, else what the training data holds."""
+    native = open_source(dataclasses.replace(config, spacing=None), "train")
+    try:
+        return tasks.select(config.task, native)
+    except ValueError as err:
+        raise ConfigError("task", str(err)) from None
 
 
 def network_stages(model) -> dict:
@@ -207,7 +217,12 @@ def _run(config: Config) -> dict:
     started = time.time()
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    config, plan = resolve_plan(config, workdir)
+    kind = select_task(config)
+    try:
+        config = tasks.fit_model(kind, dataclasses.replace(config, task=kind.name))
+    except ValueError as err:
+        raise ConfigError("model", str(err)) from None
+    config, plan = resolve_plan(config, workdir, kind)
     mesh = trainer.make_mesh(config.mesh)
     trainer.check_batch_fits(mesh, config.batch, config.patch[0])
     train_src, val_src = open_source(config, "train"), open_source(config, "val")
@@ -217,8 +232,7 @@ def _run(config: Config) -> dict:
     abstract_model = init_lib.check_model(build, config.patch)
     schedule = trainer.make_schedule(config.lr, config.steps, config.warmup_steps)
     tx = trainer.make_optimizer(schedule, weight_decay=config.weight_decay, grad_clip=config.grad_clip)
-    class_weights = class_weights_of(config, train_src)
-    kind = tasks.SEGMENTATION
+    class_weights = class_weights_of(config, train_src, kind)
     task = trainer.make_task(build, tx, schedule, num_classes, mesh, config.seed, class_weights, kind)
     if jax.process_index() == 0:
         write_plan(workdir / PLAN, config, train_src, abstract_model, plan)
@@ -239,7 +253,8 @@ def _run(config: Config) -> dict:
         return kind.validate(trainer.eval_model(task, state), val_src, config, final=final)
 
     progress = trainer.Progress(name="train", total=config.steps, voxels_per_step=config.batch * math.prod(config.patch),
-                                csv_path=workdir / "metrics.csv", start=start, tensorboard=workdir / "tensorboard")
+                                csv_path=workdir / "metrics.csv", start=start, tensorboard=workdir / "tensorboard",
+                                step_metric=kind.step_metric, score=kind.score)
     try:
         state, result = trainer.fit(
             task, state, iterator, progress, start=start, stop=config.steps, log_every=config.log_every,
@@ -255,8 +270,10 @@ def _run(config: Config) -> dict:
     checkpoints.close()
     if result is None:  # nothing left to train (a finished run rerun): validate once more
         result = validate_state(state, True)
-    summary = report.summary_from_evaluation(
-        result,
+    summary = dict(
+        kind.summary_fields(result),
+        **kind.baselines(train_src, val_src),
+        task=kind.name,
         init=config.init, pretrained=config.pretrained_source or None, steps=config.steps,
         wall_s=round(time.time() - started, 1), model=config.model, dims=config.dims, dataset=config.dataset,
         patch=list(config.patch), batch=config.batch, devices=jax.device_count(), processes=jax.process_count(),
@@ -264,12 +281,11 @@ def _run(config: Config) -> dict:
         class_weights=list(class_weights) if class_weights is not None else None,
     )
     if jax.process_index() == 0:
-        report.write_summary(str(workdir), summary)
+        report.write_summary(str(workdir), summary, required=report.COMMON + kind.required)
         figure = kind.report(str(workdir), result, val_src, title=f"{config.model} init={config.init}")
         if figure is not None:
             progress.image("val/overlay", figure, config.steps)
-        _log(f"val_dice_mean {summary['val_dice_mean']:.4f} (threshold baseline "
-             f"{summary['baseline_threshold_dice']}) in {summary['wall_s']:.0f}s; {workdir / report.SUMMARY}")
+        _log(f"{kind.headline(summary)} in {summary['wall_s']:.0f}s; {workdir / report.SUMMARY}")
     progress.close()
     return summary
 

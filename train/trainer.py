@@ -31,7 +31,6 @@ import optax
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 
-import acsjax.ops
 
 from train import tasks
 from train import tensorboard as board_lib
@@ -104,10 +103,14 @@ def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, jax.P())
 
 
-def batch_shardings(mesh) -> dict[str, NamedSharding]:
-    """Shardings of a batch dict: batch axis on 'data', axis 1 (depth, or height in 2D) on 'space'."""
+def batch_shardings(mesh, label_axes=("data", "space")) -> dict[str, NamedSharding]:
+    """Shardings of a batch dict: batch axis on 'data', axis 1 (depth, or height in 2D) on 'space'.
+
+    ``label_axes`` lays out the labels: voxel labels like the image, one class
+    per example (``('data',)``) along the batch only.
+    """
     spec = jax.P("data", "space")
-    return {"image": NamedSharding(mesh, spec), "label": NamedSharding(mesh, spec)}
+    return {"image": NamedSharding(mesh, spec), "label": NamedSharding(mesh, jax.P(*label_axes))}
 
 
 def check_batch_fits(mesh, batch: int, depth: int, *, flag: str = "batch") -> None:
@@ -121,10 +124,10 @@ def check_batch_fits(mesh, batch: int, depth: int, *, flag: str = "batch") -> No
         raise ConfigError("mesh", f"the data axis ({data}) must be a multiple of the {jax.process_count()} processes")
 
 
-def shard_batch(batch: dict, mesh) -> dict[str, jax.Array]:
+def shard_batch(batch: dict, mesh, label_axes=("data", "space")) -> dict[str, jax.Array]:
     """This process's rows of the global batch -> global arrays sharded over the mesh."""
     out = {}
-    for key, sharding in batch_shardings(mesh).items():
+    for key, sharding in batch_shardings(mesh, label_axes).items():
         local = np.asarray(batch[key])
         global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
         out[key] = jax.make_array_from_process_local_data(sharding, local, global_shape)
@@ -243,7 +246,7 @@ def make_step(task: Task):
     state_shardings = jax.tree.map(lambda a: a.sharding, task.abstract_state)
     return jax.jit(
         functools.partial(train_step, task),
-        in_shardings=(state_shardings, batch_shardings(task.mesh)),
+        in_shardings=(state_shardings, batch_shardings(task.mesh, task.kind.label_axes)),
         out_shardings=(state_shardings, replicated(task.mesh)),
         donate_argnums=(0,),
     )
@@ -263,17 +266,26 @@ class Progress:
     """Collects step metrics, checks them, prints progress lines, writes metrics.csv and TensorBoard files.
 
     With ``tensorboard`` (a run directory, see :mod:`train.tensorboard`) every
-    row also goes there as scalars ``train/<field>`` and ``val/dice_mean``,
-    validations add ``val/dice/<class name>``, and :meth:`image` adds figures.
+    row also goes there as scalars ``train/<field>`` and ``val/<score>``
+    (``val/dice_mean`` for segmentation), validations add
+    ``val/dice/<class name>``, and :meth:`image` adds figures.
     Call :meth:`close` when the run is done.
+
+    ``step_metric`` and ``score`` are the task's (:mod:`train.tasks`): the
+    per-step metric ('dice', 'accuracy') and the validation score; the
+    columns of metrics.csv follow them (segmentation's are unchanged).
     """
 
     FIELDS = ("step", "loss", "dice", "ce", "dice_loss", "grad_norm", "lr", "voxels_per_s", "val_dice_mean", "wall_s")
     TRAIN_SCALARS = ("loss", "dice", "ce", "dice_loss", "grad_norm", "lr", "voxels_per_s")
 
     def __init__(self, *, name: str, total: int, voxels_per_step: int, csv_path: Path | None, start: int,
-                 tensorboard: Path | None = None):
+                 tensorboard: Path | None = None, step_metric: str = "dice", score: str = "val_dice_mean"):
         self.name, self.total, self.voxels = name, total, voxels_per_step
+        self.step_metric, self.score = step_metric, score
+        swap = {"dice": step_metric, "val_dice_mean": score}
+        self.FIELDS = tuple(swap.get(f, f) for f in type(self).FIELDS)
+        self.TRAIN_SCALARS = tuple(swap.get(f, f) for f in type(self).TRAIN_SCALARS)
         self.csv_path = csv_path if jax.process_index() == 0 else None
         self.pending: list[tuple[int, dict]] = []
         self.t0 = self.tick = time.perf_counter()
@@ -307,7 +319,8 @@ class Progress:
         if print_line and jax.process_index() == 0:
             eta = (now - self.t0) / max(step - self.start, 1) * (self.total - step)
             print(
-                f"{self.name} step {step:>6}/{self.total}  loss {row['loss']:.4f}  dice {row['dice']:.3f}  "
+                f"{self.name} step {step:>6}/{self.total}  loss {row['loss']:.4f}  "
+                f"{self.step_metric} {row[self.step_metric]:.3f}  "
                 f"lr {row['lr']:.2e}  vox/s {row['voxels_per_s']:.3g}  eta {eta:.0f}s",
                 flush=True,
             )
@@ -318,7 +331,7 @@ class Progress:
         """Appends ``row`` (a dict with ``step`` and some of ``FIELDS``) to metrics.csv and TensorBoard."""
         if self.board is not None:
             scalars = {f"train/{k}": row[k] for k in self.TRAIN_SCALARS if k in row}
-            scalars["val/dice_mean"] = row.get("val_dice_mean")
+            scalars[f"val/{self.score.removeprefix('val_')}"] = row.get(self.score)
             self.board.scalars(row["step"], scalars)
             self.board.flush()  # as current on disk as metrics.csv
         if self.csv_path is None:
@@ -331,12 +344,16 @@ class Progress:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
     def validation(self, step: int, result: dict) -> None:
-        """Logs an :func:`train.evaluate.evaluate` result: its mean, per-class Dice and threshold baseline."""
+        """Logs a validation result: its score (and for segmentation per-class Dice and threshold baseline)."""
         if self.board is not None:
             scalars = {f"val/dice/{name}": dice for name, dice in result.get("val_dice", {}).items()}
-            scalars["val/baseline_threshold_dice"] = result.get("baseline_threshold_dice")  # None: not computed
+            if "val_dice" in result:
+                scalars["val/baseline_threshold_dice"] = result.get("baseline_threshold_dice")  # None: not computed
+            for key in ("val_accuracy", "val_auc"):  # classification's other metrics
+                if key in result and key != self.score:
+                    scalars[f"val/{key.removeprefix('val_')}"] = result[key]
             self.board.scalars(step, scalars)
-        self.write({"step": step, "val_dice_mean": result["val_dice_mean"], "wall_s": self.elapsed()})
+        self.write({"step": step, self.score: result[self.score], "wall_s": self.elapsed()})
 
     def image(self, tag: str, image, step: int) -> None:
         """Adds a PNG file or an image array to TensorBoard (nothing without a TensorBoard directory)."""
@@ -374,7 +391,7 @@ def fit(task: Task, state, iterator, progress: Progress, *, start: int, stop: in
     result = None
     try:
         for step in range(start + 1, stop + 1):
-            batch = shard_batch(next(iterator), task.mesh)
+            batch = shard_batch(next(iterator), task.mesh, task.kind.label_axes)
             with jax.set_mesh(task.mesh):
                 state, metrics = step_fn(state, batch)
             progress.add(step, metrics)

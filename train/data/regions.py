@@ -71,7 +71,8 @@ rotations by 90 degrees turn a lateral cube into a midline one, so they are
 not label-preserving here.
 
 ``python -m train.data.regions --out DIR`` writes the data set and prints the
-split and the two baselines.
+split and the two baselines. ``--dataset=regions`` in the training app serves
+it through :func:`regions_source`, written once into the cache directory.
 """
 
 from __future__ import annotations
@@ -248,6 +249,46 @@ def write_dataset(out: str, *, layout: str = "msd", cases_per_class: int = 40, v
     baselines = metrics.baseline_accuracy(list(train[1]), train[2], list(val[1]), val[2])
     return {"root": out, "layout": layout, "class_names": CLASS_NAMES, "train": list(train[0]),
             "val": list(val[0]), "train_labels": train[2], "val_labels": val[2], "baselines": baselines}
+
+
+def regions_source(split: str = "train", *, cache_dir: str | None = None, seed: int = 0, cases_per_class: int = 40,
+                   val_cases_per_class: int = 15, size: int = 32):
+    """The data set as an ``msd:`` source (``dataset='regions'``), rendered once into ``cache_dir``.
+
+    The files go to ``CACHE_DIR/regions/<settings>/`` (written to a temporary
+    folder, then renamed, so concurrent runs never see half a data set); the
+    source honours their ``splits_final.json`` and carries ``flip_classes`` =
+    :data:`FLIP_CLASSES` for label-aware flips.
+    """
+    import shutil
+    import tempfile
+
+    from train.data.sources import MSDSource
+
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if cache_dir is None:
+        cache_dir = os.path.join(tempfile.gettempdir(), "acsjax")
+    base = os.path.join(os.fspath(cache_dir), "regions")
+    root = os.path.join(base, f"v1-size{size}-train{cases_per_class}-val{val_cases_per_class}-seed{seed}")
+    if not os.path.isfile(os.path.join(root, SPLITS_FILE)):
+        os.makedirs(base, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".writing-", dir=base)
+        try:
+            started = time.perf_counter()
+            write_dataset(tmp, cases_per_class=cases_per_class, val_cases_per_class=val_cases_per_class,
+                          size=size, seed=seed)
+            try:
+                os.rename(tmp, root)
+                print(f"regions: rendered {len(CLASS_NAMES) * (cases_per_class + val_cases_per_class)} cases "
+                      f"into {root} in {time.perf_counter() - started:.0f}s", flush=True)
+            except OSError:  # another process finished first: use its copy
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    source = MSDSource(root, split, cache_dir=os.path.join(os.fspath(cache_dir), "volumes"), seed=seed)
+    source.flip_classes = FLIP_CLASSES
+    return source
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -8,6 +8,12 @@ unlabelled), ``affine`` float64 ``(4, 4)``, ``spacing`` ``(3,)`` and ``name``;
 see :mod:`train.data.nifti` for the layout. With a ``cache_dir`` the arrays are
 read-only memory maps; never modify a case in place.
 
+A classification data set gives each case one class instead of a voxel label:
+its cases carry ``"class"`` (an int in ``0 .. num_classes - 1``) and no
+``label``, and the source's ``task`` is ``'classification'`` (else
+``'segmentation'``). Its ``class_names`` are the classes themselves (no
+background).
+
 Layouts:
 
 - ``msd:PATH``: a Medical Segmentation Decathlon task folder: ``dataset.json``
@@ -21,7 +27,16 @@ Layouts:
   name, optional ``test/`` (unlabelled images) and optional ``dataset.json``
   giving ``labels`` and ``modality`` as above.
 
-Splits: ``'train'`` and ``'val'`` divide the labelled cases; ``'val'`` holds
+Classification layouts: an ``msd:`` ``dataset.json`` whose ``training``
+entries carry an integer ``"label"`` (a key of ``labels``) instead of a label
+file; a ``folder:`` with ``images/`` and ``labels.csv`` (header ``case,label``,
+the case name without ``.nii.gz``) instead of ``labels/``. A class outside
+``labels`` is a one-line DataError naming the case.
+
+Splits: a ``splits_final.json`` beside the data (nnU-Net's format,
+``[{"train": [names], "val": [names]}, ...]``; fold 0 is used) decides the
+split when present, for both tasks; a data set whose cases are related
+(crops of one scan, slabs of one anatomy) must ship one. Otherwise ``'train'`` and ``'val'`` divide the labelled cases; ``'val'`` holds
 ``round(val_fraction * n)`` of them (at least one when ``n >= 2`` and
 ``val_fraction > 0``), namely those whose SHA-1 of the case name sorts first.
 The split depends only on the case names, not on the seed or the order of
@@ -30,6 +45,7 @@ files, so it is the same on every run and machine. ``'test'`` is the layout's un
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import inspect
@@ -44,6 +60,8 @@ from train.data.cache import VolumeCache
 from train.data.nifti import DataError
 
 SPLITS = ("train", "val", "test")
+SPLITS_FILE = "splits_final.json"
+LABELS_CSV = "labels.csv"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +71,7 @@ class CaseFiles:
     name: str
     images: tuple[str, ...]
     label: str | None = None
+    cls: int | None = None  # the case's class, for classification data sets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +166,46 @@ def split_cases(cases: Sequence[CaseFiles], split: str, val_fraction: float) -> 
     return [c for i, c in enumerate(cases) if (i in val) == (split == "val")]
 
 
+def read_splits(root: str) -> tuple[list[str], list[str]] | None:
+    """Fold 0 of ``ROOT/splits_final.json`` as (train names, val names), or None without one."""
+    path = os.path.join(root, SPLITS_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            folds = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not valid JSON ({' '.join(str(exc).split())})") from None
+    fold = folds[0] if isinstance(folds, list) and folds else None
+    if not (isinstance(fold, dict) and all(isinstance(fold.get(k), list) for k in ("train", "val"))):
+        raise DataError(f"{path}: expected [{{\"train\": [names], \"val\": [names]}}, ...]")
+    return [str(n) for n in fold["train"]], [str(n) for n in fold["val"]]
+
+
+def choose_split(cases: Sequence[CaseFiles], split: str, val_fraction: float, root: str) -> list[CaseFiles]:
+    """The 'train' or 'val' cases: by ``splits_final.json`` when ``root`` has one, else :func:`split_cases`."""
+    listed = read_splits(root)
+    if listed is None:
+        return split_cases(cases, split, val_fraction)
+    by_name = {c.name: c for c in cases}
+    names = listed[0] if split == "train" else listed[1]
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise DataError(f"{os.path.join(root, SPLITS_FILE)}: case {unknown[0]} is not among the labelled cases")
+    return [by_name[n] for n in names]
+
+
+def _class_of(value: Any, num_classes: int, where: str) -> int:
+    """A case's class from dataset.json / labels.csv, or a one-line DataError naming the case."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not (isinstance(value, int) or text.lstrip("-").isdigit()):
+        raise DataError(f"{where}: label {value!r} is not an integer class")
+    cls = int(text)
+    if not 0 <= cls < num_classes:
+        raise DataError(f"{where}: label {cls} is not one of the classes 0..{num_classes - 1} in 'labels'")
+    return cls
+
+
 class NiftiSource:
     """A source over :class:`CaseFiles`, optionally cached on disk."""
 
@@ -160,6 +219,7 @@ class NiftiSource:
         ct_window: Sequence[float] | None = None,
         cache_dir: str | None = None,
         where: str = "",
+        task: str = "segmentation",
     ):
         if spacing is not None:
             spacing = tuple(float(s) for s in spacing)
@@ -176,6 +236,7 @@ class NiftiSource:
         self.preprocessing = Preprocessing(tuple(modalities), self.num_classes, spacing, ct_window)
         self.cache = VolumeCache(cache_dir) if cache_dir else None
         self.where = where
+        self.task = task
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -183,10 +244,19 @@ class NiftiSource:
     def __getitem__(self, index: int) -> dict:
         files = self.cases[int(index)]
         if self.cache is None:
-            return load_case(files, self.preprocessing)
-        paths = list(files.images) + ([files.label] if files.label else [])
-        options = dataclasses.asdict(self.preprocessing)
-        return self.cache.get_or_build(paths, options, lambda: load_case(files, self.preprocessing))
+            case = load_case(files, self.preprocessing)
+        else:
+            paths = list(files.images) + ([files.label] if files.label else [])
+            options = dataclasses.asdict(self.preprocessing)
+            case = self.cache.get_or_build(paths, options, lambda: load_case(files, self.preprocessing))
+        if files.cls is not None:
+            # Not cached: the class lives in dataset.json / labels.csv, not in the image files.
+            case = dict(case, **{"class": int(files.cls)})
+        return case
+
+    def classes(self) -> np.ndarray:
+        """(N,) class of every case, without reading images (classification sources)."""
+        return np.array([c.cls for c in self.cases], np.int64)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.where!r}, {len(self)} cases)"
@@ -277,19 +347,21 @@ class MSDSource(NiftiSource):
         meta = _read_json(meta_path)
         class_names = _class_names(meta.get("labels"), meta_path)
         modalities = _modalities(meta, meta_path)
+        training = self._training_cases(root, meta, meta_path, len(modalities), len(class_names))
+        task = "classification" if training and training[0].cls is not None else "segmentation"
         if split == "test":
             cases = self._test_cases(root, meta, meta_path, len(modalities))
         elif split in ("train", "val"):
-            cases = split_cases(self._training_cases(root, meta, meta_path, len(modalities)), split, val_fraction)
+            cases = choose_split(training, split, val_fraction, root)
         else:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if not cases:
             raise DataError(f"{meta_path}: no cases in split {split!r}")
         super().__init__(cases, class_names=class_names, modalities=modalities, spacing=spacing,
-                         ct_window=ct_window, cache_dir=cache_dir, where=f"msd:{root}")
+                         ct_window=ct_window, cache_dir=cache_dir, where=f"msd:{root}", task=task)
 
     @staticmethod
-    def _training_cases(root, meta, where, n_channels) -> list[CaseFiles]:
+    def _training_cases(root, meta, where, n_channels, num_classes) -> list[CaseFiles]:
         if "training" not in meta:
             return _v2_cases(root, "imagesTr", "labelsTr", meta, where, n_channels)
         entries = meta["training"]
@@ -300,8 +372,14 @@ class MSDSource(NiftiSource):
             if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
                 raise DataError(f"{where}: training[{i}] must have 'image' and 'label'")
             image = _listed(root, entry["image"], f"{where}: training[{i}].image")
-            label = _listed(root, entry["label"], f"{where}: training[{i}].label")
-            cases.append(CaseFiles(nifti.strip_suffix(os.path.basename(image)), (image,), label))
+            name = nifti.strip_suffix(os.path.basename(image))
+            if isinstance(entry["label"], str) and not entry["label"].strip().lstrip("-").isdigit():
+                label = _listed(root, entry["label"], f"{where}: training[{i}].label")
+                cases.append(CaseFiles(name, (image,), label))
+            else:  # an integer class: a classification data set
+                cases.append(CaseFiles(name, (image,), cls=_class_of(entry["label"], num_classes, f"{where}: case {name}")))
+        if len({c.cls is None for c in cases}) > 1:
+            raise DataError(f"{where}: 'training' mixes label files and integer classes")
         return cases
 
     @staticmethod
@@ -366,12 +444,19 @@ class FolderSource(NiftiSource):
         images = _nifti_files(os.path.join(root, "images"))
         if not images:
             raise DataError(f"{where}: no .nii or .nii.gz files in {os.path.join(root, 'images')}")
-        labelled = self._pair(root, images, where)
+        csv_path = os.path.join(root, LABELS_CSV)
+        classify = os.path.isfile(csv_path) and not os.path.isdir(os.path.join(root, "labels"))
+        if classify:
+            if class_names is None and "labels" in meta:
+                class_names = _class_names(meta["labels"], meta_path)
+            labelled, class_names = self._classes(csv_path, images, class_names)
+        else:
+            labelled = self._pair(root, images, where)
         if split == "test":
             tests = _nifti_files(os.path.join(root, "test"))
             cases = [CaseFiles(nifti.strip_suffix(os.path.basename(p)), (p,)) for p in tests]
         else:
-            cases = split_cases(labelled, split, val_fraction)
+            cases = choose_split(labelled, split, val_fraction, root)
         if not cases:
             raise DataError(f"{where}: no cases in split {split!r}")
         n_channels = self._channels(images[0])
@@ -389,7 +474,35 @@ class FolderSource(NiftiSource):
         if len(class_names) < 2:
             raise ValueError(f"class_names needs background and at least one class, got {class_names!r}")
         super().__init__(cases, class_names=class_names, modalities=modalities, spacing=spacing,
-                         ct_window=ct_window, cache_dir=cache_dir, where=where)
+                         ct_window=ct_window, cache_dir=cache_dir, where=where,
+                         task="classification" if classify else "segmentation")
+
+    @staticmethod
+    def _classes(csv_path: str, images: list[str], class_names) -> tuple[list[CaseFiles], tuple[str, ...]]:
+        """Cases of ``labels.csv`` (case,label) and the class names (given, else '0'..'K-1')."""
+        try:
+            with open(csv_path, newline="") as f:
+                rows = list(csv.DictReader(f))
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise DataError(f"{csv_path}: cannot read ({' '.join(str(exc).split())})") from None
+        if not rows or not {"case", "label"} <= set(rows[0]):
+            raise DataError(f"{csv_path}: expected a header 'case,label' and one row per image")
+        by_name = {nifti.strip_suffix(os.path.basename(p)): p for p in images}
+        values = {}
+        for row in rows:
+            name = str(row["case"]).strip()
+            if name not in by_name:
+                raise DataError(f"{csv_path}: case {name}: no image images/{name}.nii.gz")
+            values[name] = row["label"]
+        missing = sorted(set(by_name) - set(values))
+        if missing:
+            raise DataError(f"{csv_path}: case {missing[0]}: image has no row")
+        if class_names is None:
+            ints = [_class_of(v, 1 << 30, f"{csv_path}: case {n}") for n, v in values.items()]
+            class_names = tuple(str(i) for i in range(max(max(ints) + 1, 2)))
+        k = len(class_names)
+        cases = [CaseFiles(n, (by_name[n],), cls=_class_of(v, k, f"{csv_path}: case {n}")) for n, v in values.items()]
+        return cases, tuple(class_names)
 
     @staticmethod
     def _pair(root: str, images: list[str], where: str) -> list[CaseFiles]:
@@ -426,7 +539,7 @@ def _accepted(cls, options: dict, kind: str) -> None:
 
 
 def make_source(spec: str, split: str = "train", *, cache_dir: str | None = None, seed: int = 0, **options):
-    """Builds a source from a spec: 'mni152', 'synthetic', 'msd:PATH' or 'folder:PATH'.
+    """Builds a source from a spec: 'mni152', 'synthetic', 'regions', 'msd:PATH' or 'folder:PATH'.
 
     ``options`` go to the source's constructor (e.g. ``spacing=(1, 1, 1)`` for
     msd/folder, ``size=32`` for synthetic); an option it does not take is a
@@ -443,9 +556,12 @@ def make_source(spec: str, split: str = "train", *, cache_dir: str | None = None
     elif kind == "mni152" and not path:
         from train.data.mni152 import MNI152Source  # pylint: disable=import-outside-toplevel
         cls, args = MNI152Source, (split,)
+    elif kind == "regions" and not path:
+        from train.data.regions import regions_source  # pylint: disable=import-outside-toplevel
+        cls, args = regions_source, (split,)
     elif kind in ("msd", "folder") and path:
         cls, args = (MSDSource if kind == "msd" else FolderSource), (path, split)
     else:
-        raise ValueError(f"unknown data spec {spec!r}; expected 'mni152', 'synthetic', 'msd:PATH' or 'folder:PATH'")
+        raise ValueError(f"unknown data spec {spec!r}; expected 'mni152', 'synthetic', 'regions', 'msd:PATH' or 'folder:PATH'")
     _accepted(cls, options, kind)
     return cls(*args, cache_dir=cache_dir, seed=seed, **options)
