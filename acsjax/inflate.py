@@ -309,7 +309,7 @@ def acs_kernel_to_3d(kernel: jax.Array, path: str = "kernel") -> jax.Array:
 VIEW_LOGITS = "view_logits"
 
 
-def acs_to_3d(params: Any) -> Any:
+def acs_to_3d(params: Any, *, like: Any = None) -> Any:
     """Materialises an ACS or SoftACS parameter tree as the equivalent full 3D tree.
 
     ACS: each 2D kernel becomes a cubic kernel that is zero off its output
@@ -320,7 +320,13 @@ def acs_to_3d(params: Any) -> Any:
     is removed. Either way a ``dims=3`` model with the result computes exactly
     what the ACS / SoftACS model did and can continue training with full 3D
     kernels. Works on NNX ``State``, nested dicts and Linen variables.
+
+    An anisotropic ACS model applies the 2D kernels of its ``kd == 1`` levels
+    axially only; a tree does not say which levels those are, so pass
+    ``like`` (the 3D model's state or shapes, as for :func:`inflate_params`):
+    a kernel whose target has depth 1 becomes ``(1, kh, kw, cin, cout)``.
     """
+    targets = None if like is None else _target_shapes(like)
     leaves, _ = jax.tree_util.tree_flatten_with_path(params)
     # Parent path ('' at the top level) -> the view logits of the kernel beside them.
     logits = {path_str(p).rpartition("/")[0]: leaf for p, leaf in leaves if leaf_name(p) == VIEW_LOGITS}
@@ -331,6 +337,9 @@ def acs_to_3d(params: Any) -> Any:
             return leaf
         name = path_str(path)
         parent = name.rpartition("/")[0]
+        target = None if targets is None else targets.get(name)
+        if target is not None and len(target) == 5 and target[0] == 1 and parent not in logits:
+            return jnp.expand_dims(leaf, 0)  # an axial-only level: its (1, kh, kw) kernel
         if parent in logits:
             used.add(parent)
             try:

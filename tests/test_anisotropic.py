@@ -255,3 +255,24 @@ def test_encoder_unets_pool_depth_per_downsampling(name):
         (r"pool_depth must be a bool or 5 bools \(one per downsampling\), got \(True, False\)",
          lambda: build_model(name, dims=3, in_channels=1, num_classes=2, rngs=nnx.Rngs(0), pool_depth=(True, False))),
     ])
+
+
+@pytest.mark.parametrize("dims", ["acs", "soft_acs"])
+def test_anisotropic_acs_models_continue_as_3d_with_acs_to_3d_like(dims):
+    """(1, 3, 3) levels of an ACS / SoftACS U-Net are axial-only: with ``like`` they land as (1, 3, 3) kernels."""
+    options = dict(strides=STRIDES, kernels=KERNELS, norm="batch")
+    model, model3 = unet(dims, seed=3, **options), unet(3, **options)
+    if dims == "soft_acs":  # non-zero mixings, so the test sees them
+        nnx.update(model, jax.tree_util.tree_map_with_path(
+            lambda p, v: np.random.default_rng(1).normal(size=v.shape).astype(np.float32)
+            if acsjax.trees.leaf_name(p) == "view_logits" else v, nnx.state(model)))
+    state3 = acsjax.acs_to_3d(nnx.state(model), like=nnx.state(model3))
+    acsjax.assert_fits(state3, nnx.state(model3))
+    nnx.update(model3, state3)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 8, 16, 16, 1)), jnp.float32)
+    want = forward(model, x)
+    assert float(jnp.std(want)) > 0.1
+    chex.assert_trees_all_close(forward(model3, x), want, atol=1e-4)
+    # Without `like`, the axial levels would become cubic ACS kernels: the tree does not fit.
+    with pytest.raises(ValueError):
+        acsjax.assert_fits(acsjax.acs_to_3d(nnx.state(model)), nnx.state(model3))

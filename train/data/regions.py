@@ -70,19 +70,17 @@ and posterior, a flip along width (axis 2, left-right) swaps left and right
 rotations by 90 degrees turn a lateral cube into a midline one, so they are
 not label-preserving here.
 
-``python -m train.data.regions --out DIR`` writes the data set and prints the
+``python -m train.regions_report --out DIR`` writes the data set and prints the
 split and the two baselines. ``--dataset=regions`` in the training app serves
 it through :func:`regions_source`, written once into the cache directory.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
 import time
-from collections.abc import Sequence
 
 import numpy as np
 from scipy import special
@@ -207,10 +205,9 @@ def write_dataset(out: str, *, layout: str = "msd", cases_per_class: int = 40, v
 
     Returns:
       {'root', 'layout', 'class_names', 'train': names, 'val': names,
-      'train_labels', 'val_labels', 'baselines': ClassificationBaselines}.
+      'train_labels', 'val_labels', 'train_images', 'val_images'} (the images as written, for
+      baselines such as :func:`train.metrics.baseline_accuracy`).
     """
-    from train import metrics  # imports jax; keep this module light to import
-
     if layout not in ("msd", "folder"):
         raise ValueError(f"layout={layout!r}: expected 'msd' or 'folder'")
     out = os.fspath(out)
@@ -246,9 +243,9 @@ def write_dataset(out: str, *, layout: str = "msd", cases_per_class: int = 40, v
         json.dump(meta, f, indent=2)
     with open(os.path.join(out, SPLITS_FILE), "w") as f:
         json.dump([{"train": list(train[0]), "val": list(val[0])}], f, indent=2)
-    baselines = metrics.baseline_accuracy(list(train[1]), train[2], list(val[1]), val[2])
     return {"root": out, "layout": layout, "class_names": CLASS_NAMES, "train": list(train[0]),
-            "val": list(val[0]), "train_labels": train[2], "val_labels": val[2], "baselines": baselines}
+            "val": list(val[0]), "train_labels": train[2], "val_labels": val[2],
+            "train_images": list(train[1]), "val_images": list(val[1])}
 
 
 def regions_source(split: str = "train", *, cache_dir: str | None = None, seed: int = 0, cases_per_class: int = 40,
@@ -289,33 +286,3 @@ def regions_source(split: str = "train", *, cache_dir: str | None = None, seed: 
     source = MSDSource(root, split, cache_dir=os.path.join(os.fspath(cache_dir), "volumes"), seed=seed)
     source.flip_classes = FLIP_CLASSES
     return source
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Write the data set; print the split and the baselines."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="folder to write")
-    parser.add_argument("--layout", choices=("msd", "folder"), default="msd")
-    parser.add_argument("--cases-per-class", type=int, default=40)
-    parser.add_argument("--val-cases-per-class", type=int, default=15)
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    info = write_dataset(args.out, layout=args.layout, cases_per_class=args.cases_per_class,
-                         val_cases_per_class=args.val_cases_per_class, size=args.size, seed=args.seed)
-    wall = time.perf_counter() - start
-    k = len(CLASS_NAMES)
-    print(f"wrote {args.layout}:{info['root']} in {wall:.1f} s: {k} classes {', '.join(CLASS_NAMES)}; "
-          f"{args.size}^3 voxels at {SPACING:g} mm")
-    print(f"train: {len(info['train'])} cases (MNI z < {mni152.TRAIN_Z_MAX_MM:g} mm), "
-          f"counts {np.bincount(info['train_labels'], minlength=k).tolist()}")
-    print(f"val:   {len(info['val'])} cases (MNI z >= {mni152.VAL_Z_MIN_MM:g} mm), "
-          f"counts {np.bincount(info['val_labels'], minlength=k).tolist()}")
-    b = info["baselines"]
-    print(f"baselines (validation accuracy; chance {b.chance:.3f}): majority class {b.majority:.3f}, "
-          f"global intensity histogram ({b.histogram_method}) {b.histogram:.3f}")
-
-
-if __name__ == "__main__":
-    main()
