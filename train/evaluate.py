@@ -98,6 +98,19 @@ def predict_probabilities(
     return probs[0] if len(patch) == 3 else probs
 
 
+def back_to_input_grid(probs: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Labels ``(D, H, W)`` int32 on the input grid: probabilities resampled linearly, then argmax.
+
+    Resampling probabilities rather than labels gives smooth borders when the
+    training spacing was coarser than the input's.
+    """
+    if tuple(probs.shape[:3]) != tuple(shape):
+        from train.data.nifti import resize
+
+        probs = resize(probs, shape, order=1)
+    return probs.argmax(-1).astype(np.int32)
+
+
 def predict_labels(model, image: np.ndarray, **kwargs) -> np.ndarray:
     """Label map ``(D, H, W)`` int32: argmax of :func:`predict_probabilities`."""
     return predict_probabilities(model, image, **kwargs).argmax(-1).astype(np.int32)

@@ -19,8 +19,8 @@ label map with the input's affine and orientation, so it overlays the input
 in any viewer.
 
 Each step is one function (:func:`load_run_config`, :func:`restore_model`,
-:func:`read_input`, :func:`write_output`), so a notebook can reuse any of
-them. Bad input gives a one-line error naming the file: ``error: PATH: ...``.
+:func:`read_input`, and each task's ``predict`` in :mod:`train.tasks`), so a
+notebook can reuse any of them. Bad input gives a one-line error naming the file: ``error: PATH: ...``.
 """
 
 from __future__ import annotations
@@ -243,31 +243,6 @@ def read_input(path: str, config: dict[str, Any]) -> tuple[np.ndarray, tuple[int
     except ValueError as err:  # e.g. an impossible ct_window in config.json
         raise PredictError(f"{path}: {str(err).splitlines()[0]}") from None
     return case["image"], shape
-
-
-def write_output(labels: np.ndarray, reference: str, out_path: str) -> str:
-    """Writes ``labels`` (on the reference's in-memory grid) with the reference's affine and orientation."""
-    from train.data.nifti import DataError, is_nifti, write_like
-
-    if not is_nifti(out_path):
-        raise PredictError(f"{out_path}: output must end in .nii or .nii.gz")
-    try:
-        return write_like(np.asarray(labels, np.int32), reference, out_path)
-    except (DataError, OSError) as err:
-        raise PredictError(f"{out_path}: cannot write ({' '.join(str(err).split())})") from None
-
-
-def back_to_input_grid(probs: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Labels ``(D, H, W)`` int32 on the input grid: probabilities resampled linearly, then argmax.
-
-    Resampling probabilities rather than labels gives smooth borders when the
-    training spacing was coarser than the input's.
-    """
-    if tuple(probs.shape[:3]) != tuple(shape):
-        from train.data.nifti import resize
-
-        probs = resize(probs, shape, order=1)
-    return probs.argmax(-1).astype(np.int32)
 
 
 # --------------------------------------------------------------------------

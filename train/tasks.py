@@ -120,13 +120,18 @@ class Segmentation:
 
     def predict(self, model, image, shape, config: dict, input_path: str, output_path: str, *,
                 overlap: float, mirror: bool, batch_size: int) -> dict:
-        from train import predict
-        from train.evaluate import eval_view, predict_probabilities
+        from train.data import nifti
+        from train.evaluate import back_to_input_grid, eval_view, predict_probabilities
 
+        if not nifti.is_nifti(output_path):
+            raise nifti.DataError(f"{output_path}: output must end in .nii or .nii.gz")
         probs = predict_probabilities(eval_view(model), image, patch=tuple(config["patch"]), overlap=overlap,
                                       mirror=mirror, batch_size=batch_size)
-        labels = predict.back_to_input_grid(probs, shape)
-        predict.write_output(labels, input_path, output_path)
+        labels = back_to_input_grid(probs, shape)
+        try:
+            nifti.write_like(labels, input_path, output_path)
+        except OSError as err:
+            raise nifti.DataError(f"{output_path}: cannot write ({' '.join(str(err).split())})") from None
         counts = np.bincount(labels.ravel(), minlength=int(config["num_classes"]))
         names = config.get("class_names") or [f"class{i}" for i in range(len(counts))]
         voxels = {str(n): int(c) for n, c in zip(names, counts)}

@@ -30,7 +30,7 @@ import grain
 import numpy as np
 
 from train.data.nifti import DataError
-from train.data.pipeline import EpochShuffle, _crop
+from train.data.pipeline import EpochShuffle, _crop, to_iter
 
 
 def identity_flips(num_classes: int) -> dict[int, tuple[int, ...]]:
@@ -130,11 +130,7 @@ def _build(source, sampler, flips: ClassFlips | None, *, batch, seed, shard_inde
     if shard_count > 1:
         ds = ds[shard_index::shard_count]
     ds = ds.batch(int(batch), drop_remainder=True)
-    if prefetch:
-        read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, threads))
-    else:
-        read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-    return ds.to_iter_dataset(read)
+    return to_iter(ds, threads=threads, prefetch=prefetch)
 
 
 def class_dataset(source, *, patch, batch: int, seed: int, augment: bool = True, flip_classes=None,

@@ -47,7 +47,7 @@ import grain
 import numpy as np
 from scipy import ndimage
 
-from train.data.pipeline import EpochShuffle
+from train.data.pipeline import EpochShuffle, to_iter
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "val")
@@ -350,8 +350,4 @@ def vdt_dataset(source, *, size, batch: int, seed: int, augment: bool | Augment2
     if shard_count > 1:
         ds = ds[shard_index::shard_count]
     ds = ds.batch(int(batch), drop_remainder=True)
-    if prefetch:
-        read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, threads))
-    else:
-        read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-    return ds.to_iter_dataset(read)
+    return to_iter(ds, threads=threads, prefetch=prefetch)

@@ -244,7 +244,11 @@ def _build(source, sampler, *, batch, seed, augment, shard_index, shard_count, n
     ds = ds.batch(batch, drop_remainder=True)
     if not (isinstance(threads, int) and threads >= 1 and isinstance(prefetch, int) and prefetch >= 0):
         raise ValueError(f"need threads >= 1 and prefetch >= 0, got threads={threads!r}, prefetch={prefetch!r}")
-    # prefetch 0 reads synchronously, in the calling thread.
+    return to_iter(ds, threads=threads, prefetch=prefetch)
+
+
+def to_iter(ds: grain.MapDataset, *, threads: int, prefetch: int) -> grain.IterDataset:
+    """``ds`` as an iterator dataset read by ``threads`` threads ahead of use; prefetch 0 reads in the calling thread."""
     if prefetch:
         read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, threads))
     else:

@@ -72,7 +72,7 @@ not label-preserving here.
 
 ``python -m train.regions_report --out DIR`` writes the data set and prints the
 split and the two baselines. ``--dataset=regions`` in the training app serves
-it through :func:`regions_source`, written once into the cache directory.
+it through :func:`train.data.sources.regions_source`, written once into the cache directory.
 """
 
 from __future__ import annotations
@@ -248,22 +248,17 @@ def write_dataset(out: str, *, layout: str = "msd", cases_per_class: int = 40, v
             "train_images": list(train[1]), "val_images": list(val[1])}
 
 
-def regions_source(split: str = "train", *, cache_dir: str | None = None, seed: int = 0, cases_per_class: int = 40,
-                   val_cases_per_class: int = 15, size: int = 32):
-    """The data set as an ``msd:`` source (``dataset='regions'``), rendered once into ``cache_dir``.
+def ensure_written(cache_dir: str | None = None, *, seed: int = 0, cases_per_class: int = 40,
+                   val_cases_per_class: int = 15, size: int = 32) -> str:
+    """The data set's ``msd:`` folder under ``CACHE_DIR/regions/<settings>/``, written on first use.
 
-    The files go to ``CACHE_DIR/regions/<settings>/`` (written to a temporary
-    folder, then renamed, so concurrent runs never see half a data set); the
-    source honours their ``splits_final.json`` and carries ``flip_classes`` =
-    :data:`FLIP_CLASSES` for label-aware flips.
+    Written to a temporary folder, then renamed, so concurrent runs never see
+    half a data set. :func:`train.data.sources.make_source` serves it as the
+    built-in ``regions`` data set (with :data:`FLIP_CLASSES` for label-aware flips).
     """
     import shutil
     import tempfile
 
-    from train.data.sources import MSDSource
-
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if cache_dir is None:
         cache_dir = os.path.join(tempfile.gettempdir(), "acsjax")
     base = os.path.join(os.fspath(cache_dir), "regions")
@@ -283,6 +278,4 @@ def regions_source(split: str = "train", *, cache_dir: str | None = None, seed: 
                 pass
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    source = MSDSource(root, split, cache_dir=os.path.join(os.fspath(cache_dir), "volumes"), seed=seed)
-    source.flip_classes = FLIP_CLASSES
-    return source
+    return root

@@ -538,6 +538,25 @@ def _accepted(cls, options: dict, kind: str) -> None:
             raise ValueError(f"data option {name!r} is not accepted by {kind!r} (accepted: {', '.join(accepted)})")
 
 
+def regions_source(split: str = "train", *, cache_dir: str | None = None, seed: int = 0, cases_per_class: int = 40,
+                   val_cases_per_class: int = 15, size: int = 32) -> "MSDSource":
+    """The built-in classification data set (:mod:`train.data.regions`) as an ``msd:`` source.
+
+    Rendered once into ``cache_dir``; the source honours its ``splits_final.json``
+    and carries ``flip_classes`` for label-aware flips.
+    """
+    from train.data import regions  # pylint: disable=import-outside-toplevel
+
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    root = regions.ensure_written(cache_dir, seed=seed, cases_per_class=cases_per_class,
+                                  val_cases_per_class=val_cases_per_class, size=size)
+    volumes = os.path.join(os.fspath(cache_dir), "volumes") if cache_dir is not None else None
+    source = MSDSource(root, split, cache_dir=volumes, seed=seed)
+    source.flip_classes = regions.FLIP_CLASSES
+    return source
+
+
 def make_source(spec: str, split: str = "train", *, cache_dir: str | None = None, seed: int = 0, **options):
     """Builds a source from a spec: 'mni152', 'synthetic', 'regions', 'msd:PATH' or 'folder:PATH'.
 
@@ -557,7 +576,6 @@ def make_source(spec: str, split: str = "train", *, cache_dir: str | None = None
         from train.data.mni152 import MNI152Source  # pylint: disable=import-outside-toplevel
         cls, args = MNI152Source, (split,)
     elif kind == "regions" and not path:
-        from train.data.regions import regions_source  # pylint: disable=import-outside-toplevel
         cls, args = regions_source, (split,)
     elif kind in ("msd", "folder") and path:
         cls, args = (MSDSource if kind == "msd" else FolderSource), (path, split)
