@@ -241,7 +241,7 @@ def test_app_knows_soft_acs():
     from train import config as config_lib
 
     config = config_lib.validate(config_lib.preset("cpu-tiny", init="soft_acs"))
-    assert config.dims == "soft_acs" and config.pretrained_source == "slices"
+    assert config.model_dims == "soft_acs" and config.pretrained_source == "slices"
     assert "soft_acs" in config_lib.INITS and "soft_acs" in acsjax.METHODS
 
 

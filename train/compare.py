@@ -66,7 +66,7 @@ def _param_count(config) -> int:
     from train import init, run
 
     source = run.open_source(config, "train")
-    build = init.model_fn(config, in_channels=source.num_channels, num_classes=source.num_classes, dims=config.dims)
+    build = init.model_fn(config, in_channels=source.num_channels, num_classes=source.num_classes, dims=config.model_dims)
     return param_count(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
 
 

@@ -24,6 +24,7 @@ PLAN_MODES = ("auto", "off")
 PRETRAINED = ("slices", "imagenet")
 VDT_PREFIX = "vdt:"  # --pretrained=vdt:SOURCE: VDT pre-training on a 2D labelled image source
 TASK_CHOICES = ("auto", "segmentation", "classification")  # train.tasks.CHOICES, without importing JAX
+DIMS_CHOICES = ("auto", "2")  # --dims: the dims --init trains, or the 2D network itself
 DTYPES = ("float32", "bfloat16", "float16")
 # acsjax.ops.CONV_IMPLS, spelled out so that flags parse without importing JAX (a test keeps them equal).
 CONV_IMPLS = ("auto", "xla", "gemm")
@@ -87,13 +88,20 @@ class Config:
     max_eval_cases: int = 0
     spacing: tuple[float, float, float] | None = None
     plan: str = "auto"
+    dims: str = "auto"
+    teacher: str = ""
+    kd_weight: float = 0.5
+    kd_temperature: float = 2.0
+    labelled_fraction: float = 1.0
     # Names of the fields (and 'model_option:KEY' entries) the user set explicitly;
     # a plan never overrides them (see apply_plan).
     explicit: tuple[str, ...] = ()
 
     @property
-    def dims(self):
-        """Model dims trained by this run (3, 'acs', 'soft_acs' or '2.5d'), from ``init``."""
+    def model_dims(self):
+        """Model dims trained by this run: 2 with ``--dims=2``, else from ``init`` (3, 'acs', 'soft_acs', '2.5d')."""
+        if self.dims == "2":
+            return 2
         return INIT_DIMS[self.init]
 
     @property
@@ -276,6 +284,19 @@ FLAG_HELP: dict[str, str] = {
     "plan": "auto (plan patch, batch, spacing, class weights and the U-Net's stages from the training data, "
     "written to WORKDIR/plan.json, for every dataset but the built-in mni152 and synthetic ones), off (take "
     "the preset as it is) or a PATH to a plan.json to use as it is. Explicit flags always win over the plan.",
+    "dims": "auto (the dims --init trains) or 2: the run's model is the 2D network itself, trained on axial "
+    "slices (--slices_batch slices of --patch's plane per step), validated and predicted on whole volumes "
+    "slice by slice. Starts from scratch, or from a 2D --pretrained (imagenet or a PATH) loaded as it is.",
+    "teacher": "A finished run's WORKDIR whose model teaches this one (knowledge distillation): its logits on "
+    "each training case, computed on the teacher's own grid (its spacing, its dims) and resampled in world "
+    "coordinates onto this run's grid, cached in WORKDIR/teacher/; voxels the teacher does not cover are left "
+    "out of the distillation term. Same classes and input channels as this run's data. Empty: no teacher.",
+    "kd_weight": "Weight a of the distillation term: loss = (1 - a) x supervised + a x T^2 x KL(teacher || "
+    "student) at temperature T (--kd_temperature). Used with --teacher.",
+    "kd_temperature": "Temperature T > 0 of the distillation term (softmax of logits / T). Used with --teacher.",
+    "labelled_fraction": "Keep the labels of only this fraction of the training cases (at least one; chosen "
+    "by --seed, every class kept for classification). Without --teacher the others are left out; with it "
+    "they train on the distillation term alone.",
     "explicit": "(internal) the fields set explicitly; not a command-line flag.",
     "preset": "Named defaults: demo (the default for --dataset=mni152 and synthetic; CPU, minutes), classify (the "
     "default for --dataset=regions: a 3D ResNet-18 classifier; CPU, minutes), default "
@@ -365,7 +386,7 @@ def validate(config: Config) -> Config:
         raise ConfigError("pretrained", "a 2D source makes no sense with --init=scratch; pick an inflating --init")
     source = config.pretrained
     if source.startswith(VDT_PREFIX):
-        if config.dims != 3:
+        if config.model_dims != 3:
             raise ConfigError("pretrained", f"{source}: VDT pre-trains full 3D kernels; use an --init that trains "
                               f"a 3D model (center, average or scale), not {config.init}")
     elif source and source not in PRETRAINED and not os.path.exists(source):
@@ -400,7 +421,26 @@ def validate(config: Config) -> Config:
         parse_spacing(config.spacing)
     if config.plan not in PLAN_MODES and not os.path.isfile(config.plan):
         raise ConfigError("plan", f"not auto or off, and no such file: {config.plan}")
+    _validate_dims_and_teacher(config)
     return config
+
+
+def _validate_dims_and_teacher(config: Config) -> None:
+    if config.dims not in DIMS_CHOICES:
+        raise ConfigError("dims", f"unknown {config.dims!r}; choose one of {', '.join(DIMS_CHOICES)}")
+    if config.dims == "2" and config.init != "scratch" and config.pretrained in ("", "slices"):
+        raise ConfigError("dims", f"a 2D run trains the 2D network itself: use --init=scratch, or give a 2D "
+                          f"--pretrained (imagenet or a PATH) to start from; --init={config.init} inflates into 3D")
+    if config.dims == "2" and config.pretrained.startswith(VDT_PREFIX):
+        raise ConfigError("dims", "VDT pre-trains a 3D network; a 2D run cannot start from it")
+    if not 0 <= config.kd_weight <= 1:
+        raise ConfigError("kd_weight", f"must be in [0, 1], got {config.kd_weight}")
+    if not 0 < config.kd_temperature < float("inf"):
+        raise ConfigError("kd_temperature", f"must be positive, got {config.kd_temperature}")
+    if not 0 < config.labelled_fraction <= 1:
+        raise ConfigError("labelled_fraction", f"must be in (0, 1], got {config.labelled_fraction}")
+    if config.teacher and not os.path.isdir(config.teacher):
+        raise ConfigError("teacher", f"no such run directory: {config.teacher}")
 
 
 def default_workdir(dataset: str) -> str:
@@ -489,7 +529,7 @@ def run_config(config: Config, source) -> dict:
     prep = getattr(source, "preprocessing", None)
     return {
         "model": config.model,
-        "dims": config.dims,
+        "dims": config.model_dims,
         "model_options": {k: list(v) if isinstance(v, tuple) else v for k, v in config.model_options.items()},
         "deep_supervision": config.deep_supervision,
         "remat": config.remat,

@@ -31,6 +31,7 @@ import acsjax.ops
 from train import init as init_lib
 from train import losses, tasks, trainer
 from train.checkpoint import Checkpoints
+from train.data import subsets
 from train.config import Config, ConfigError, apply_plan, parse_class_weights, parse_mesh, validate, write_run_config
 
 PLAN = "plan.json"
@@ -226,9 +227,13 @@ def _run(config: Config) -> dict:
     mesh = trainer.make_mesh(config.mesh)
     trainer.check_batch_fits(mesh, config.batch, config.patch[0])
     train_src, val_src = open_source(config, "train"), open_source(config, "val")
+    all_cases = len(train_src)
+    if not config.teacher:
+        # Without a teacher the unlabelled cases have nothing to teach: the run trains on the labelled ones.
+        train_src = subsets.labelled_subset(train_src, config.labelled_fraction, config.seed)
     init_lib.check_patch_fits(config, train_src)
     num_classes = train_src.num_classes
-    build = init_lib.model_fn(config, in_channels=train_src.num_channels, num_classes=num_classes, dims=config.dims)
+    build = init_lib.model_fn(config, in_channels=train_src.num_channels, num_classes=num_classes, dims=config.model_dims)
     abstract_model = init_lib.check_model(build, config.patch)
     schedule = trainer.make_schedule(config.lr, config.steps, config.warmup_steps)
     tx = trainer.make_optimizer(schedule, weight_decay=config.weight_decay, grad_clip=config.grad_clip)
@@ -275,10 +280,11 @@ def _run(config: Config) -> dict:
         **kind.baselines(train_src, val_src),
         task=kind.name,
         init=config.init, pretrained=config.pretrained_source or None, steps=config.steps,
-        wall_s=round(time.time() - started, 1), model=config.model, dims=config.dims, dataset=config.dataset,
+        wall_s=round(time.time() - started, 1), model=config.model, dims=config.model_dims, dataset=config.dataset,
         patch=list(config.patch), batch=config.batch, devices=jax.device_count(), processes=jax.process_count(),
         mesh=dict(mesh.shape), resumed_from=start or None, best_step=checkpoints.best_step(),
         class_weights=list(class_weights) if class_weights is not None else None,
+        labelled_fraction=config.labelled_fraction, labelled_cases=len(train_src), training_cases=all_cases,
     )
     if jax.process_index() == 0:
         report.write_summary(str(workdir), summary, required=report.COMMON + kind.required)

@@ -47,7 +47,7 @@ def jax_step(config, batch_size: int, patch, impl: str | None):
     if impl is not None:
         ops.set_conv_impl(impl)
     mesh = trainer.make_mesh("data=1,space=1", devices=jax.devices()[:1])
-    build = init.model_fn(config, in_channels=1, num_classes=3, dims=config.dims)
+    build = init.model_fn(config, in_channels=1, num_classes=3, dims=config.model_dims)
     schedule = trainer.make_schedule(config.lr, 1000, 10)
     tx = trainer.make_optimizer(schedule, weight_decay=config.weight_decay, grad_clip=config.grad_clip)
     task = trainer.make_task(build, tx, schedule, 3, mesh)
@@ -157,21 +157,21 @@ def main(argv=None) -> int:
             for name in inits
         }
         for config in configs.values():
-            config.dims  # noqa: B018 (an unknown init fails here)
+            config.model_dims  # noqa: B018 (an unknown init fails here)
     except (KeyError, ValueError, config_lib.ConfigError) as err:
         parser.error(f"--init: {err}")
     voxels = args.batch * int(np.prod(patch))
     threads = os.cpu_count() or 1
     device = jax.devices()[0]
-    dims = ", ".join(f"{name}: {c.dims}" for name, c in configs.items())
+    dims = ", ".join(f"{name}: {c.model_dims}" for name, c in configs.items())
     print(f"U-Net {widths} ({dims}) train step, batch {args.batch} x {patch}, {args.dtype}, "
           f"device {device.device_kind} ({jax.default_backend()}), {threads} threads")
     fns, flops = {}, {}
     for impl in args.impls.split(","):
         for name, config in configs.items():
-            key = f"acsjax ({impl}) {name} ({config.dims})" if len(inits) > 1 else f"acsjax ({impl})"
+            key = f"acsjax ({impl}) {name} ({config.model_dims})" if len(inits) > 1 else f"acsjax ({impl})"
             fns[key], flops[key] = jax_step(config, args.batch, patch, impl)
-    want_torch = not args.no_torch and args.dtype == "float32" and any(c.dims == 3 for c in configs.values())
+    want_torch = not args.no_torch and args.dtype == "float32" and any(c.model_dims == 3 for c in configs.values())
     if want_torch:
         try:
             fns["PyTorch"] = torch_step(widths, args.batch, patch, threads)
@@ -218,7 +218,7 @@ def _init_ratios(median: dict, impls: str, configs: dict) -> dict:
     names = list(configs)
     out = {}
     for impl in impls.split(","):
-        key = lambda n: f"acsjax ({impl}) {n} ({configs[n].dims})"  # noqa: E731
+        key = lambda n: f"acsjax ({impl}) {n} ({configs[n].model_dims})"  # noqa: E731
         for name in names[1:]:
             out[f"{impl}: {name} / {names[0]}"] = median[key(name)] / median[key(names[0])]
     return out

@@ -75,7 +75,7 @@ def step_memory(config, volume, devices: int, *, in_channels: int = 1, num_class
 
     mesh = trainer.make_mesh(f"data=1,space={devices}", devices=jax.devices()[:devices])
     trainer.check_batch_fits(mesh, batch, volume[0], flag="devices")
-    build = init.model_fn(config, in_channels=in_channels, num_classes=num_classes, dims=config.dims)
+    build = init.model_fn(config, in_channels=in_channels, num_classes=num_classes, dims=config.model_dims)
     schedule = trainer.make_schedule(config.lr, config.steps, config.warmup_steps)
     tx = trainer.make_optimizer(schedule, weight_decay=config.weight_decay, grad_clip=config.grad_clip)
     task = trainer.make_task(build, tx, schedule, num_classes, mesh, seed=config.seed)
