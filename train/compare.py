@@ -273,7 +273,8 @@ def _runnable(base, combos) -> list[tuple[str, str, str]]:
         try:
             config_lib.validate(dataclasses.replace(base, init=init, pretrained=source, model=model))
         except config_lib.ConfigError as err:
-            print(f"skipping {variant_name(init, source, model, base.model)}: {cli.one_line(err)}", flush=True)
+            why = cli.one_line(err).removeprefix("error: ")
+            print(f"skipping {variant_name(init, source, model, base.model)}: {why}", flush=True)
             continue
         keep.append((init, source, model))
     return keep
