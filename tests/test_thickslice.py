@@ -191,7 +191,11 @@ def test_table_from_fake_summaries(tmp_path):
     assert native[6] == "110" and native[7] == "901"  # mean wall s, largest peak MB
     assert native[8:12] == ["6x2x2", "8x64x56", "1x1x1 1x2x2", "1x3x3 3x3x3 |"]
     assert rows[1].startswith("| (a) isotropic 3D | 2 | 0.550 ± 0.141")
-    assert "threshold Dice on the validation cases: 0.490" in text
+    assert "threshold Dice on the validation cases, native grid: 0.490" in text
+    results[-1]["summary"]["baseline_threshold_dice"] = 0.9
+    assert "native grid: 0.900" in report.table(results)
+    results[-1]["native_grid"] = False  # a baseline on a resampled grid is not the native one
+    assert "native grid: 0.490" in report.table(results)
 
 
 def test_on_native_grid():
