@@ -100,7 +100,9 @@ def make_plan(config: Config, workdir: Path) -> dict:
     """Fingerprints the training cases at their native spacing and plans the experiment.
 
     Writes WORKDIR/fingerprint.json. The preset's ``patch x batch`` is the
-    voxel budget; its U-Net widths give the first and the widest stage.
+    voxel budget; its U-Net widths give the first and the widest stage. An
+    explicit ``--spacing`` is the plan's target spacing, so the patch and the
+    network's strides and kernels suit the grid the run trains on.
     """
     from train.planning.experiment import plan_experiment
     from train.planning.fingerprint import fingerprint_source
@@ -115,6 +117,7 @@ def make_plan(config: Config, workdir: Path) -> dict:
         budget_voxels=int(config.batch * math.prod(config.patch)),
         base_width=int(widths[0]),
         max_width=int(max(widths)),
+        spacing=config.spacing if "spacing" in config.explicit else None,
     )
     return {**plan.to_json(), "dataset": config.dataset}
 

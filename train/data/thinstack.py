@@ -16,6 +16,18 @@ slightly: the slice thickness cycles through ``slice_mm + (0, -jitter_mm,
 
 Labels follow :func:`train.data.mni152.labels_from_probabilities` on the
 box-averaged probability maps: 1 grey matter, 2 white matter.
+
+Rendered mode (``--rendered``, :func:`write_rendered_dataset`): the cases are
+the demo's randomised renderings instead (:class:`train.data.mni152.MNI152Source`:
+deformations, tissue contrasts, bias fields, noise; training cases from the
+lower brain slab, validation cases from the upper one plus the real T1),
+rendered at ``source_mm`` (1 or 2 mm) and box-averaged in the same way
+(default 6 mm slices, 2 mm in-plane). Each label is the same rule applied to
+the box-averaged one-hot grey and white matter maps (a class takes a thick
+voxel when it fills more than half of it). ``splits_final.json`` keeps the
+demo's split, so no validation anatomy reaches training.
+
+  python -m train.data.thinstack --rendered --out /tmp/thickdemo    # 12 + 3 renderings and the real T1
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ import sys
 import numpy as np
 
 from train.data import mni152, nifti
+from train.data.sources import SPLITS_FILE
 
 CLASS_NAMES = mni152.CLASS_NAMES
 
@@ -119,23 +132,105 @@ def write_dataset(out: str, *, num_cases: int = 4, slice_mm: int = 7, inplane_mm
     return out
 
 
+def thicken(image: np.ndarray, label: np.ndarray, affine: np.ndarray,
+            factors: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One rendered case box-averaged by ``factors`` ``(d, h, w)``: ``(image, label, affine)``.
+
+    The image is averaged over each box; the label is
+    :func:`train.data.mni152.labels_from_probabilities` of the box-averaged
+    one-hot grey and white matter maps; the affine maps the new voxel centres.
+    """
+    factors = tuple(int(f) for f in factors)
+    thick = _box_mean(np.asarray(image, np.float32), factors)
+    p_gm, p_wm = (_box_mean((label == c).astype(np.float32), factors) for c in (1, 2))
+    step = np.eye(4)
+    step[:3, :3] = np.diag(factors)
+    step[:3, 3] = [(f - 1) / 2 for f in factors]
+    return np.ascontiguousarray(thick, np.float32), mni152.labels_from_probabilities(p_gm, p_wm), affine @ step
+
+
+def write_rendered_dataset(out: str, *, num_train: int = 12, num_val: int = 3, slice_mm: int = 6,
+                           inplane_mm: int = 2, source_mm: int = 2, seed: int = 0, cache_dir=None) -> str:
+    """Writes thick-slice versions of the demo's renderings as an MSD task with ``splits_final.json``; returns ``out``.
+
+    ``num_train`` training renderings (of seed ``seed``) and ``num_val``
+    validation renderings plus the real T1 (``mni152_t1_real``), rendered at
+    ``source_mm`` mm and box-averaged to ``slice_mm`` mm slices and
+    ``inplane_mm`` mm in-plane (both multiples of ``source_mm``). Case names
+    are the demo's (``mni152_train_s0_000``, ``mni152_val_000``, ...);
+    fold 0 of ``splits_final.json`` lists the training ones as 'train' and the
+    validation ones as 'val'.
+    """
+    if source_mm not in (1, 2):
+        raise ValueError(f"source_mm must be 1 or 2, got {source_mm}")
+    if slice_mm % source_mm or inplane_mm % source_mm or min(slice_mm, inplane_mm) < source_mm:
+        raise ValueError(f"slice_mm ({slice_mm}) and inplane_mm ({inplane_mm}) must be multiples of "
+                         f"source_mm ({source_mm})")
+    if num_train < 1 or num_val < 0:
+        raise ValueError(f"need num_train >= 1 and num_val >= 0, got {num_train}, {num_val}")
+    factors = (slice_mm // source_mm, inplane_mm // source_mm, inplane_mm // source_mm)
+    sources = (mni152.MNI152Source("train", seed=seed, spacing=source_mm, num_cases=num_train, cache_dir=cache_dir),
+               mni152.MNI152Source("validation", spacing=source_mm, num_cases=num_val, cache_dir=cache_dir))
+    training, split = [], {"train": [], "val": []}
+    for source, part in zip(sources, ("train", "val")):
+        for index in range(len(source)):
+            case = source[index]
+            image, label, affine = thicken(case["image"][..., 0], case["label"], case["affine"], factors)
+            name = case["name"]
+            nifti.write_volume(image, affine, os.path.join(out, "imagesTr", f"{name}.nii.gz"))
+            nifti.write_volume(label, affine, os.path.join(out, "labelsTr", f"{name}.nii.gz"))
+            training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
+            split[part].append(name)
+    meta = {
+        "name": "MNI152 renderings, thick slices",
+        "description": (f"the MNI152 demo's randomised renderings at {source_mm} mm, box-averaged to {slice_mm} mm "
+                        f"slices, {inplane_mm} mm in-plane; train: lower brain slab, val: upper slab"),
+        "labels": {str(i): n for i, n in enumerate(CLASS_NAMES)},
+        "modality": {"0": "MRI"},
+        "numTraining": len(training),
+        "training": training,
+        "test": [],
+    }
+    with open(os.path.join(out, SPLITS_FILE), "w") as f:
+        json.dump([split], f, indent=2)
+    # dataset.json last: a folder that has it is complete.
+    with open(os.path.join(out, "dataset.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.data.thinstack", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder to write (dataset.json, imagesTr, labelsTr)")
-    parser.add_argument("--num_cases", type=int, default=4)
-    parser.add_argument("--slice_mm", type=int, default=7, help="slice thickness and spacing in mm")
+    parser.add_argument("--num_cases", type=int, default=None, help="cases (default 4; --rendered: 12 training)")
+    parser.add_argument("--slice_mm", type=int, default=None,
+                        help="slice thickness and spacing in mm (default 7; --rendered: 6)")
     parser.add_argument("--inplane_mm", type=int, default=2, help="in-plane voxel size in mm")
     parser.add_argument("--size", type=int, default=48, help="in-plane crop in voxels")
     parser.add_argument("--jitter_mm", type=int, default=1, help="slice thickness varies by this much between cases")
     parser.add_argument("--max_slices", type=int, default=None, help="keep at most this many central slices")
+    parser.add_argument("--rendered", action="store_true",
+                        help="the demo's randomised renderings instead of the template (with splits_final.json)")
+    parser.add_argument("--num_val", type=int, default=3, help="--rendered: validation renderings (plus the real T1)")
+    parser.add_argument("--source_mm", type=int, default=2, help="--rendered: rendering resolution, 1 or 2 mm")
+    parser.add_argument("--seed", type=int, default=0, help="--rendered: seed of the training renderings")
     args = parser.parse_args(argv)
     try:
-        write_dataset(args.out, num_cases=args.num_cases, slice_mm=args.slice_mm, inplane_mm=args.inplane_mm,
-                      size=args.size, jitter_mm=args.jitter_mm, max_slices=args.max_slices)
+        if args.rendered:
+            slice_mm = 6 if args.slice_mm is None else args.slice_mm
+            num_cases = 12 if args.num_cases is None else args.num_cases
+            write_rendered_dataset(args.out, num_train=num_cases, num_val=args.num_val, slice_mm=slice_mm,
+                                   inplane_mm=args.inplane_mm, source_mm=args.source_mm, seed=args.seed)
+            num_cases += args.num_val + 1
+        else:
+            num_cases = 4 if args.num_cases is None else args.num_cases
+            write_dataset(args.out, num_cases=num_cases, slice_mm=7 if args.slice_mm is None else args.slice_mm,
+                          inplane_mm=args.inplane_mm, size=args.size, jitter_mm=args.jitter_mm,
+                          max_slices=args.max_slices)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {args.num_cases} cases to {args.out}; plan with: python -m train.plan --dataset=msd:{args.out}")
+    print(f"wrote {num_cases} cases to {args.out}; plan with: python -m train.plan --dataset=msd:{args.out}")
     return 0
 
 

@@ -219,6 +219,7 @@ def plan_experiment(
     max_width: int = DEFAULT_MAX_WIDTH,
     min_batch: int = 2,
     max_stages: int = DEFAULT_MAX_STAGES,
+    spacing: Sequence[float] | None = None,
 ) -> ExperimentPlan:
     """The experiment plan for a fingerprint.
 
@@ -232,10 +233,13 @@ def plan_experiment(
       min_batch: the smallest batch (instance norm and the foreground
         oversampling of one patch in three want at least 2).
       max_stages: stages including the stem.
+      spacing: a target spacing ``(d, h, w)`` mm the user chose (``--spacing``);
+        None derives it from the data. The rest of the plan (shape, patch,
+        strides, kernels) is made for the spacing the run trains at.
 
     Rules, in order:
 
-    1. Target spacing: :func:`target_spacing`.
+    1. Target spacing: :func:`target_spacing`, unless ``spacing`` is given.
     2. Median shape: the median over cases of each case's shape resampled to
        the target spacing.
     3. Patch: isotropic in mm (proportional to ``1 / spacing``) and large
@@ -261,7 +265,11 @@ def plan_experiment(
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value!r}")
     notes = []
-    spacing, note = target_spacing(fp.spacings, fp.shapes)
+    if spacing is None:
+        spacing, note = target_spacing(fp.spacings, fp.shapes)
+    else:
+        spacing = tuple(float(v) for v in np.broadcast_to(np.asarray(spacing, np.float64), (3,)))
+        note = f"target spacing {', '.join(f'{v:.3g}' for v in spacing)} mm given (--spacing)"
     notes.append(note)
     shapes = [resampled_shape(s, sp, spacing) for s, sp in zip(fp.shapes, fp.spacings)]
     median = tuple(int(round(v)) for v in np.median(np.asarray(shapes, np.float64), axis=0))
