@@ -283,6 +283,9 @@ def test_command_reports_a_truncated_file_in_one_line(thin_stack, tmp_path):
         (["--dataset=synthetic", "--budget_voxels", "0"], "--budget_voxels"),
         (["--no_such_flag"], "--no_such_flag"),
         (["--volume", "1,2"], "--volume"),
+        (["--pair", "--teacher_factor", "0"], "--teacher_factor"),
+        (["--pair", "--volume", "64", "--teacher_factor", "3"], "--teacher_factor"),
+        (["--pair", "--max_slice_batch", "0"], "--max_slice_batch"),
     ],
 )
 def test_command_user_errors_are_one_line(argv, needle, capsys):

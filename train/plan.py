@@ -3,6 +3,7 @@
   python -m train.plan --dataset=msd:PATH [--budget_voxels N] [--max_cases N] [--out plan.json]
   python -m train.plan --volume 2048,2048,2048 --devices 64 --remat nothing_saveable --dtype bfloat16
   python -m train.plan --volume 2048,2048,2048 --budget_gb 80 --search
+  python -m train.plan --pair --volume 2048,2048,2048 --teacher_factor 4 --budget_gb 80
 
 With ``--dataset`` it fingerprints the data set's labelled cases
 (:mod:`train.planning.fingerprint`) and derives an nnU-Net-style experiment
@@ -17,6 +18,12 @@ reports XLA's buffer assignment per device. Nothing is allocated, so a 2048^3
 plan runs on a laptop. The numbers are XLA:CPU's; a GPU or TPU compiler fuses
 and schedules differently, so keep a margin.
 
+With ``--pair`` it plans a distillation pair (:mod:`train.planning.pair`): a
+3D teacher on the whole volume at ``--teacher_factor`` x coarser spacing and a
+2D student on whole full-resolution slices with the teacher's logits, each at
+the fewest devices that fit ``--budget_gb`` (the student also at its largest
+slice batch), against the full-resolution 3D network's own search.
+
 Every user error prints one line, ``error: ...``, naming the file or flag.
 """
 
@@ -29,7 +36,7 @@ import sys
 import numpy as np
 
 from train import cli
-from train.planning import experiment, memory
+from train.planning import experiment, memory, pair
 
 
 def _parse_ints(text: str, n: int | None = None) -> tuple[int, ...]:
@@ -122,21 +129,81 @@ def main(argv=None) -> int:
     mem.add_argument("--widths", default="32,64,128,256,320", help="U-Net widths (the 'gpu' preset's)")
     mem.add_argument("--init", default="scale", help="decides dims: acs -> ACS, 2.5d -> 2.5D, else 3D")
     mem.add_argument("--devices", default="8", help="device count(s) to plan for, e.g. 8 or 16,32,64")
-    mem.add_argument("--remat", default="nothing_saveable", help="jax.checkpoint_policies name, or 'none'")
+    mem.add_argument("--remat", default=None, help="jax.checkpoint_policies name, or 'none' (default nothing_saveable; "
+                     "--search and --pair try none, then nothing_saveable)")
     mem.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     mem.add_argument("--batch", type=int, default=1)
     mem.add_argument("--budget_gb", type=float, default=80.0, help="per-device memory budget in GiB")
     mem.add_argument("--search", action="store_true",
                      help="try remat none/nothing_saveable and doubling device counts until one fits")
     mem.add_argument("--max_devices", type=int, default=512)
+    duo = parser.add_argument_group("distillation pair (--pair)")
+    duo.add_argument("--pair", action="store_true",
+                     help="plan a 3D teacher at --teacher_factor x coarser spacing plus a 2D student on full-resolution "
+                          "slices, against the full-resolution 3D network")
+    duo.add_argument("--teacher_factor", type=int, default=4, help="teacher spacing / student spacing (4: 1 mm -> 4 mm)")
+    duo.add_argument("--max_slice_batch", type=int, default=None,
+                     help="largest student batch of slices to try (default: the volume's depth)")
     args = parser.parse_args(argv)
-    for name in ("budget_voxels", "max_cases", "base_width", "max_width", "max_stages", "min_batch"):
+    for name in ("budget_voxels", "max_cases", "base_width", "max_width", "max_stages", "min_batch", "max_slice_batch",
+                 "max_devices"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name}: must be >= 1, got {value}")
     if args.dataset:
         return _dataset_mode(args)
+    if args.pair:
+        return _pair_mode(args, parser)
     return _memory_mode(args, parser)
+
+
+def _configs(args, remats):
+    """The run configs to plan, one per remat ('none' -> off); ConfigError on bad settings."""
+    from train import config as config_lib
+
+    widths = _parse_ints(args.widths)
+    return [
+        config_lib.preset("gpu", model=args.model, model_options={"widths": widths}, init=args.init,
+                          remat="" if remat == "none" else remat, dtype=args.dtype, deep_supervision=False)
+        for remat in remats
+    ]
+
+
+def _pair_mode(args, parser) -> int:
+    try:
+        volume = _parse_ints(args.volume, 3)
+        _parse_ints(args.widths)
+    except ValueError:
+        parser.error("--volume and --widths take comma-separated integers")
+    if len(volume) != 3:
+        parser.error(f"--volume: expected D,H,W, got {args.volume!r}")
+    try:
+        grid = pair.teacher_grid(volume, args.teacher_factor)
+    except ValueError as err:
+        parser.error(f"--teacher_factor: {err}")
+    remats = [args.remat] if args.remat else ["none", "nothing_saveable"]
+    memory.configure_cpu_devices(args.max_devices)
+
+    from train import config as config_lib
+    from train import init
+
+    try:
+        configs = _configs(args, remats)
+        init.check_model(init.model_fn(configs[0], in_channels=1, num_classes=3, dims=configs[0].model_dims), grid)
+    except config_lib.ConfigError as err:
+        flag = "teacher_factor" if err.flag == "patch" else err.flag
+        print(f"error: --{flag}: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    cap = args.max_slice_batch or volume[0]
+    print(f"distillation pair for a {'x'.join(map(str, volume))} volume: 3D teacher on {'x'.join(map(str, grid))} "
+          f"({args.teacher_factor}x spacing), 2D student on full-resolution slices with the teacher's logits; "
+          f"{args.model} widths={_parse_ints(args.widths)}, {args.dtype}, budget {args.budget_gb:g} GiB per device "
+          f"(XLA:CPU buffer assignment)", flush=True)
+    plan = pair.plan_pair(configs, volume, args.teacher_factor, args.budget_gb, max_devices=args.max_devices,
+                          max_slice_batch=cap,
+                          report=lambda label, m: print(pair.format_step(label, m, args.budget_gb), flush=True))
+    print(pair.format_plan(plan))
+    return 0 if plan.pair_devices is not None else 1
 
 
 def _memory_mode(args, parser) -> int:
@@ -149,37 +216,33 @@ def _memory_mode(args, parser) -> int:
     if len(volume) != 3:
         parser.error(f"--volume: expected D,H,W, got {args.volume!r}")
     if args.search:
-        counts = [2**k for k in range(0, args.max_devices.bit_length()) if 2**k <= args.max_devices and volume[0] % 2**k == 0]
+        counts = memory.device_counts(volume[0], args.max_devices)
     memory.configure_cpu_devices(max(counts))
 
     from train import config as config_lib
 
-    remats = ["none", "nothing_saveable"] if args.search else [args.remat]
+    remats = [args.remat] if args.remat else (["none", "nothing_saveable"] if args.search else ["nothing_saveable"])
     print(f"train step of {args.model} widths={widths} on a {volume} volume, batch {args.batch}, {args.dtype}, "
           f"budget {args.budget_gb:g} GiB per device (XLA:CPU buffer assignment)")
     print(memory.HEADER)
-    best = None
-    for remat in remats:
-        try:
-            config = config_lib.preset(
-                "gpu", model=args.model, model_options={"widths": widths}, init=args.init,
-                remat="" if remat == "none" else remat, dtype=args.dtype, deep_supervision=False,
-            )
-        except config_lib.ConfigError as err:
-            print(err.line(), file=sys.stderr)
-            return 2
-        for n in counts:
-            try:
-                m = memory.step_memory(config, volume, n, batch=args.batch)
-            except config_lib.ConfigError as err:
-                print(err.line(), file=sys.stderr)
-                return 2
-            print(memory.format_row(m, args.budget_gb), flush=True)
-            if m.total_bytes <= args.budget_gb * memory.GIB:
-                if best is None or (m.devices, m.total_bytes) < (best.devices, best.total_bytes):
-                    best = m
-                if args.search:
-                    break
+    try:
+        configs = _configs(args, remats)
+        report = lambda m: print(memory.format_row(m, args.budget_gb), flush=True)  # noqa: E731
+        if args.search:
+            best, _ = memory.fewest_devices(configs, volume, counts, args.budget_gb, report=report, batch=args.batch)
+        else:
+            best = None
+            for config in configs:
+                for n in counts:
+                    m = memory.step_memory(config, volume, n, batch=args.batch)
+                    report(m)
+                    if memory.fits(m, args.budget_gb) and (
+                        best is None or (m.devices, m.total_bytes) < (best.devices, best.total_bytes)
+                    ):
+                        best = m
+    except config_lib.ConfigError as err:
+        print(err.line(), file=sys.stderr)
+        return 2
     if best is None:
         print(f"nothing tried fits {args.budget_gb:g} GiB per device")
         return 1

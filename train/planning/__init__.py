@@ -7,6 +7,8 @@
   fingerprint, written as ``plan.json``.
 - :mod:`train.planning.topology`: the per-stage strides and kernels rule.
 - :mod:`train.planning.memory`: what one compiled train step needs per device.
+- :mod:`train.planning.pair`: a coarse 3D teacher plus a full-resolution 2D
+  student against the full-resolution 3D network, in devices.
 
 The command is ``python -m train.plan``.
 """
