@@ -1,0 +1,338 @@
+"""Distillation across resolutions on the MNI152 template: a 3D teacher at 4 mm, 2D students at 1 mm, and back.
+
+  python -m train.distill_report --out runs/distill
+
+Two directions, each one teacher and its students, the same two networks on
+the same two grids (the demo preset's U-Net, widths 8-16-32-64):
+
+- forward: the teacher is the 3D U-Net at 4 mm whose patch covers a whole
+  4 mm training volume (21 x 51 x 41 voxels, padded to 24 x 56 x 48), so it
+  sees the whole slab's 3D context at coarse resolution. The students are the
+  U-Net's 2D twin (``--dims=2``) at 1 mm, trained on axial slices: fine
+  detail, but one slice at a time.
+- reverse: the teacher is that 2D U-Net at 1 mm, trained with all labels; the
+  students are the 3D U-Net at 4 mm on whole volumes. It swaps what each side
+  brings: fine in-plane detail, resampled onto the 4 mm grid, taught to a
+  network that has the whole 3D context but coarse voxels. A 2D teacher at
+  the student's own 4 mm was not chosen: it would see the same voxels as its
+  student with less context, so it could teach nothing the student cannot
+  learn from the same labels; and this choice keeps both directions on the
+  same pair of runs, so they can be read side by side.
+
+Every student is trained at every labelled fraction (``--fractions``) and
+seed (``--seeds``), alone and with its teacher. Alone, a run trains on its
+labelled cases only; with the teacher, the unlabelled cases train on the
+distillation term alone and the labelled ones on (1 - a) x supervised +
+a x T^2 x KL (``--kd_weight`` a, ``--kd_temperature`` T). The labelled cases
+of one fraction and seed are the same in both (:mod:`train.data.subsets`), so
+the teacher is the only difference. Each teacher is trained once (seed 0, all
+labels, ``--teacher_steps`` steps); students of other seeds train on other
+renderings of the training slab, which their teacher labels without having
+seen them.
+
+Every run is its own ``python -m train.main`` process in OUT/<direction>/...,
+and its row in the table reports:
+
+- Dice: ``val_dice_mean`` of its summary.json, the mean foreground Dice over
+  the validation cases, at the run's own spacing (the student's resolution);
+  mean ± standard deviation over seeds. "Δ alone" is the paired difference,
+  seed by seed, from the same fraction's students without a teacher.
+- wall s: the process's wall time from start to exit (start-up, compilation
+  (JAX's persistent compilation cache spares later runs of the same program
+  most of it), the teacher's logits, training and the final validation).
+- peak MB: the process's peak resident memory, ``ru_maxrss`` of the rusage
+  ``os.wait4`` returns when the process is reaped (its own, not the
+  command's or other runs'). It is host memory: on an accelerator the
+  device's memory is not in it.
+
+Before the first run the command renders every case the runs read (the
+training cases of every seed at both spacings, the validation cases) into the
+rendering cache, so that no run's wall time includes rendering; the time it
+took is in the report.
+
+Rerunning reuses finished runs (a run directory with summary.json) and
+resumes interrupted ones (their times then cover the resumed part only); a
+finished run with other settings (steps, kd weight or temperature) is an
+error naming it. Writes OUT/distillation.md and prints it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from train import cli
+from train import config as config_lib
+from train.compare import _fmt as mean_spread
+from train.data import subsets
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """One side of a direction: a network on a grid, as train.main flags."""
+
+    name: str
+    spacing: float
+    flags: tuple[str, ...]
+
+
+# The 4 mm training volumes are 21 x 51 x 41 voxels; the U-Net downsamples
+# three times, so the smallest patch that covers one is 24 x 56 x 48 (padded).
+NET_3D = Network("3D U-Net, 4 mm, whole volumes", 4.0, ("--spacing=4", "--patch=24,56,48", "--batch=2"))
+# Axial slices of the 1 mm volumes are 193 x 157; the 2D twin trains on
+# 128 x 128 crops of them, SLICES at a time, and validates on whole slices.
+NET_2D = Network("2D U-Net, 1 mm, axial slices", 1.0, ("--dims=2", "--spacing=1", "--patch=1,128,128",
+                                                        "--slices_batch=16"))
+# direction -> (teacher, student)
+DIRECTIONS: dict[str, tuple[Network, Network]] = {"forward": (NET_3D, NET_2D), "reverse": (NET_2D, NET_3D)}
+TEACHER_SEED = 0
+SUMMARY = "summary.json"
+RESOURCES = "resources.json"  # wall time and peak memory of the run's process, written by this command
+LOG = "log.txt"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One ``python -m train.main`` process of the experiment."""
+
+    direction: str
+    role: str  # 'teacher' or 'student'
+    network: Network
+    fraction: float
+    seed: int
+    teacher: str  # the teacher's workdir; '' for a student alone and for teachers
+    workdir: str
+    argv: tuple[str, ...]  # train.main's flags
+    expect: tuple[tuple[str, object], ...]  # summary.json fields a reused run must match
+
+    def command(self) -> list[str]:
+        """The command line that trains it."""
+        return [sys.executable, "-m", "train.main", *self.argv]
+
+
+def _train_flags(network: Network, workdir: Path, steps: int, seed: int, cache_dir: str) -> list[str]:
+    # Scratch starts, so that a teacher is the only thing a student gets from
+    # elsewhere. Validation once, at the end, without mirroring (8 passes in
+    # 3D against 4 in 2D would make the two directions' times incomparable).
+    flags = ["--dataset=mni152", "--preset=demo", "--init=scratch", *network.flags, f"--workdir={workdir}",
+             f"--steps={steps}", f"--seed={seed}", f"--warmup_steps={max(1, steps // 10)}", "--eval_every=0",
+             "--noeval_mirror", f"--checkpoint_every={steps}", f"--log_every={max(1, steps // 10)}"]
+    return flags + ([f"--cache_dir={cache_dir}"] if cache_dir else [])
+
+
+def plan_runs(out, *, steps: int, teacher_steps: int, seeds: Sequence[int], fractions: Sequence[float],
+              kd_weight: float, kd_temperature: float, cache_dir: str = "",
+              directions: Sequence[str] = tuple(DIRECTIONS)) -> list[Run]:
+    """Every run of the experiment, each teacher before its students.
+
+    OUT/<direction>/teacher, then OUT/<direction>/f<fraction>-<alone|taught>/seed<k>
+    for every fraction and seed.
+    """
+    out = Path(out)
+    runs = []
+    for direction in directions:
+        teacher_net, student_net = DIRECTIONS[direction]
+        teacher_dir = out / direction / "teacher"
+        runs.append(Run(direction, "teacher", teacher_net, 1.0, TEACHER_SEED, "", str(teacher_dir),
+                        tuple(_train_flags(teacher_net, teacher_dir, teacher_steps, TEACHER_SEED, cache_dir)),
+                        (("steps", teacher_steps),)))
+        for fraction in fractions:
+            for taught in (False, True):
+                for seed in seeds:
+                    workdir = out / direction / f"f{fraction:g}-{'taught' if taught else 'alone'}" / f"seed{seed}"
+                    argv = _train_flags(student_net, workdir, steps, seed, cache_dir)
+                    argv.append(f"--labelled_fraction={fraction:g}")
+                    expect = [("steps", steps), ("labelled_fraction", fraction)]
+                    if taught:
+                        argv += [f"--teacher={teacher_dir}", f"--kd_weight={kd_weight:g}",
+                                 f"--kd_temperature={kd_temperature:g}"]
+                        expect += [("kd_weight", kd_weight), ("kd_temperature", kd_temperature)]
+                    runs.append(Run(direction, "student", student_net, fraction, seed,
+                                    str(teacher_dir) if taught else "", str(workdir), tuple(argv), tuple(expect)))
+    return runs
+
+
+def run_process(command: Sequence[str], log_path: Path) -> dict:
+    """Runs ``command`` with its output in ``log_path``; its exit status, wall time and peak memory.
+
+    ``os.wait4`` reaps the process and returns its own rusage, so
+    ``ru_maxrss`` (KiB on Linux) is this process's peak resident set alone.
+    """
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _, status, usage = os.wait4(process.pid, 0)
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+    return {"returncode": process.returncode, "wall_s": round(time.perf_counter() - start, 1),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+
+
+def _check_reusable(run: Run, summary: dict) -> None:
+    for key, value in run.expect:
+        if key in summary and summary[key] != value:
+            raise config_lib.ConfigError("out", f"{run.workdir} is a finished run with {key}={summary[key]}, not "
+                                         f"{value}; choose another --out or remove it")
+
+
+def execute(run: Run, runner: Callable[[Sequence[str], Path], dict] = run_process, log=print) -> dict:
+    """Trains ``run`` unless its workdir holds a finished run; the result row for :func:`table`.
+
+    A failed run stops the experiment: RuntimeError naming its log.
+    """
+    workdir = Path(run.workdir)
+    summary_path, resources_path = workdir / SUMMARY, workdir / RESOURCES
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        _check_reusable(run, summary)
+        log(f"reusing {workdir}")
+    else:
+        workdir.mkdir(parents=True, exist_ok=True)
+        log(f"training {workdir} ...")
+        resources = runner(run.command(), workdir / LOG)
+        if resources["returncode"] != 0 or not summary_path.exists():
+            raise RuntimeError(f"{workdir}: train.main exited with status {resources['returncode']}; "
+                               f"see {workdir / LOG}")
+        resources_path.write_text(json.dumps(resources, indent=2) + "\n")
+        summary = json.loads(summary_path.read_text())
+    resources = json.loads(resources_path.read_text()) if resources_path.exists() else None
+    return {"direction": run.direction, "role": run.role, "network": run.network.name, "fraction": run.fraction,
+            "seed": run.seed, "taught": bool(run.teacher), "summary": summary, "resources": resources}
+
+
+def labelled_cases(fraction: float, training_cases: int) -> int:
+    """How many training cases keep their labels at ``fraction`` (the same for every seed)."""
+    return len(subsets.labelled_indices(training_cases, fraction, 0))
+
+
+def _mean(values) -> str:
+    values = [v for v in values if v is not None]
+    return f"{statistics.mean(values):.0f}" if values else "-"
+
+
+def _resource(rows, key) -> list:
+    return [r["resources"][key] for r in rows if r.get("resources")]
+
+
+def table(results: list[dict]) -> str:
+    """Markdown table: the teachers, then every student (fraction x alone/taught), means over seeds."""
+    head = ["direction", "run", "labelled", "teacher", "seeds", "val Dice", "Δ alone", "wall s", "peak MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keys = list(dict.fromkeys((r["direction"], r["role"], r["fraction"], r["taught"]) for r in results))
+    for direction, role, fraction, taught in keys:
+        rows = [r for r in results if (r["direction"], r["role"], r["fraction"], r["taught"]) ==
+                (direction, role, fraction, taught)]
+        dice = {r["seed"]: r["summary"]["val_dice_mean"] for r in rows}
+        delta = ""
+        if taught:
+            alone = {r["seed"]: r["summary"]["val_dice_mean"] for r in results
+                     if (r["direction"], r["role"], r["fraction"], r["taught"]) == (direction, role, fraction, False)}
+            paired = [dice[s] - alone[s] for s in dice if s in alone]
+            delta = mean_spread(paired)
+            if paired and not delta.startswith("-"):
+                delta = "+" + delta
+        n = rows[0]["summary"].get("training_cases", 24)
+        name = f"teacher: {rows[0]['network']}" if role == "teacher" else rows[0]["network"]
+        cells = [direction, name, f"{fraction:g} ({labelled_cases(fraction, n)}/{n})",
+                 "-" if role == "teacher" else ("yes" if taught else "no"), str(len(rows)),
+                 mean_spread(list(dice.values())), delta, _mean(_resource(rows, "wall_s")),
+                 _mean(_resource(rows, "peak_rss_mb"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = []
+    baselines = {}
+    for r in results:
+        if r["role"] == "student" and r["summary"].get("baseline_threshold_dice") is not None:
+            baselines.setdefault(r["network"], r["summary"]["baseline_threshold_dice"])
+    for network, base in baselines.items():
+        notes.append(f"Best global intensity-threshold Dice on the same validation cases ({network}): {base:.3f}.")
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
+
+
+def warm_cache(spacings: Sequence[float], seeds: Sequence[int], cache_dir: str) -> float:
+    """Renders every training case of ``seeds`` and every validation case at ``spacings`` into the cache; seconds taken."""
+    from train.data.mni152 import MNI152Source
+
+    start = time.perf_counter()
+    for spacing in spacings:
+        sources = [MNI152Source("validation", cache_dir=cache_dir, spacing=spacing)]
+        sources += [MNI152Source("train", cache_dir=cache_dir, seed=seed, spacing=spacing) for seed in seeds]
+        for source in sources:
+            for i in range(len(source)):
+                source[i]
+    return time.perf_counter() - start
+
+
+def _fraction_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise config_lib.ConfigError("fractions", f"expected comma-separated numbers, got {text!r}") from None
+    if not all(0 < v <= 1 for v in values):
+        raise config_lib.ConfigError("fractions", f"every fraction must be in (0, 1], got {text!r}")
+    return values
+
+
+@cli.entry_point
+def main(argv=None) -> int:
+    parser = cli.ArgumentParser(prog="python -m train.distill_report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=150, help="training steps of every student")
+    parser.add_argument("--teacher_steps", type=int, default=300, help="training steps of each teacher")
+    parser.add_argument("--seeds", type=cli.int_list, default=(0, 1, 2), help="comma-separated student seeds")
+    parser.add_argument("--fractions", default="1,0.25,0.1", help="comma-separated labelled fractions")
+    parser.add_argument("--kd_weight", type=float, default=0.5, help="weight a of the distillation term")
+    parser.add_argument("--kd_temperature", type=float, default=2.0, help="distillation temperature T")
+    parser.add_argument("--directions", default=",".join(DIRECTIONS), help="forward, reverse or both")
+    parser.add_argument("--cache_dir", default="", help="train.main's --cache_dir (default: its own default)")
+    parser.add_argument("--out", default="runs/distill")
+    args = parser.parse_args(argv)
+    fractions = _fraction_list(args.fractions)
+    directions = [d for d in args.directions.split(",") if d]
+    unknown = [d for d in directions if d not in DIRECTIONS]
+    if unknown or not directions:
+        raise config_lib.ConfigError("directions", f"expected forward and/or reverse, got {args.directions!r}")
+    for name in ("steps", "teacher_steps"):
+        if getattr(args, name) < 1:
+            raise config_lib.ConfigError(name, f"must be at least 1, got {getattr(args, name)}")
+    if not 0 <= args.kd_weight <= 1:
+        raise config_lib.ConfigError("kd_weight", f"must be in [0, 1], got {args.kd_weight}")
+    if not args.kd_temperature > 0:
+        raise config_lib.ConfigError("kd_temperature", f"must be positive, got {args.kd_temperature}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = plan_runs(out, steps=args.steps, teacher_steps=args.teacher_steps, seeds=args.seeds, fractions=fractions,
+                     kd_weight=args.kd_weight, kd_temperature=args.kd_temperature, cache_dir=args.cache_dir,
+                     directions=directions)
+    cache_dir = args.cache_dir or config_lib.PRESETS["demo"].cache_path
+    spacings = sorted({n.spacing for d in directions for n in DIRECTIONS[d]})
+    print(f"rendering the cases the runs read into {cache_dir} ...", flush=True)
+    render_s = warm_cache(spacings, sorted({*args.seeds, TEACHER_SEED}), cache_dir)
+    started = time.perf_counter()
+    try:
+        results = [execute(run, run_process, log=lambda m: print(m, flush=True)) for run in runs]
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return cli.ERROR_STATUS
+    text = table(results)
+    command = "python -m train.distill_report " + " ".join(argv if argv is not None else sys.argv[1:])
+    header = (f"`{command}`\n\n{len(runs)} runs: students {args.steps} steps, teachers {args.teacher_steps}; "
+              f"kd weight {args.kd_weight:g}, temperature {args.kd_temperature:g}; rendering the cases beforehand "
+              f"{render_s:.0f} s, the runs (those trained by this invocation) {time.perf_counter() - started:.0f} s.\n\n")
+    (out / "distillation.md").write_text(header + text)
+    print(text)
+    print(f"wrote {out / 'distillation.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
