@@ -37,13 +37,22 @@ and its row in the table reports:
   the validation cases, at the run's own spacing (the student's resolution);
   mean ± standard deviation over seeds. "Δ alone" is the paired difference,
   seed by seed, from the same fraction's students without a teacher.
-- wall s: the process's wall time from start to exit (start-up, compilation
-  (JAX's persistent compilation cache spares later runs of the same program
-  most of it), the teacher's logits, training and the final validation).
-- peak MB: the process's peak resident memory, ``ru_maxrss`` of the rusage
-  ``os.wait4`` returns when the process is reaped (its own, not the
-  command's or other runs'). It is host memory: on an accelerator the
-  device's memory is not in it.
+- wall s: the process's wall time from start to exit (start-up, compilation,
+  the teacher's logits, training and the final validation); median over seeds.
+- peak MB: the process's peak resident memory, the kernel's high-water mark
+  (VmHWM) read from /proc while it runs (its own, not the command's or other
+  runs'; see :func:`run_process`); median over seeds. It is host memory: on
+  an accelerator the device's memory is not in it.
+
+Every run on one grid uses the same cross-entropy weights (balanced for the
+template's training slab; see :func:`template_class_weights`) rather than the
+demo's weights counted from each run's own labelled cases. The weights are
+constants of the compiled training step, so the runs of one kind (one grid,
+alone or taught) compile it once and the others read it from JAX's persistent
+compilation cache. That first run of a kind pays the compilation, in time
+and memory (measured here: a 3D student at 4 mm, 115 s and 1.4 GB compiling,
+38 s and 0.8 GB reading the cache), which is why the times and memories are
+medians over seeds; a teacher's, one run, includes it.
 
 Before the first run the command renders every case the runs read (the
 training cases of every seed at both spacings, the validation cases) into the
@@ -60,13 +69,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from train import cli
 from train import config as config_lib
@@ -117,37 +125,55 @@ class Run:
         return [sys.executable, "-m", "train.main", *self.argv]
 
 
-def _train_flags(network: Network, workdir: Path, steps: int, seed: int, cache_dir: str) -> list[str]:
+def template_class_weights(spacing: float) -> tuple[float, ...]:
+    """Balanced cross-entropy weights of the template's training slab at ``spacing`` (rounded)."""
+    import numpy as np
+
+    from train.data.mni152 import load_template
+    from train.losses import balanced_class_weights
+
+    tpl = load_template(spacing)
+    counts = np.bincount(tpl.label[tpl.region("train")].ravel(), minlength=3)
+    return tuple(round(w, 4) for w in balanced_class_weights(counts))
+
+
+def _train_flags(network: Network, workdir: Path, steps: int, seed: int, cache_dir: str,
+                 class_weights: Mapping[float, Sequence[float]] | None) -> list[str]:
     # Scratch starts, so that a teacher is the only thing a student gets from
     # elsewhere. Validation once, at the end, without mirroring (8 passes in
     # 3D against 4 in 2D would make the two directions' times incomparable).
     flags = ["--dataset=mni152", "--preset=demo", "--init=scratch", *network.flags, f"--workdir={workdir}",
              f"--steps={steps}", f"--seed={seed}", f"--warmup_steps={max(1, steps // 10)}", "--eval_every=0",
              "--noeval_mirror", f"--checkpoint_every={steps}", f"--log_every={max(1, steps // 10)}"]
+    if class_weights is not None:
+        flags.append("--class_weights=" + ",".join(f"{w:g}" for w in class_weights[network.spacing]))
     return flags + ([f"--cache_dir={cache_dir}"] if cache_dir else [])
 
 
 def plan_runs(out, *, steps: int, teacher_steps: int, seeds: Sequence[int], fractions: Sequence[float],
               kd_weight: float, kd_temperature: float, cache_dir: str = "",
+              class_weights: Mapping[float, Sequence[float]] | None = None,
               directions: Sequence[str] = tuple(DIRECTIONS)) -> list[Run]:
     """Every run of the experiment, each teacher before its students.
 
     OUT/<direction>/teacher, then OUT/<direction>/f<fraction>-<alone|taught>/seed<k>
-    for every fraction and seed.
+    for every fraction and seed. ``class_weights`` maps a spacing to the
+    cross-entropy weights of every run at it (None: the demo's 'balanced',
+    counted by each run on its own labelled cases).
     """
     out = Path(out)
     runs = []
     for direction in directions:
         teacher_net, student_net = DIRECTIONS[direction]
         teacher_dir = out / direction / "teacher"
-        runs.append(Run(direction, "teacher", teacher_net, 1.0, TEACHER_SEED, "", str(teacher_dir),
-                        tuple(_train_flags(teacher_net, teacher_dir, teacher_steps, TEACHER_SEED, cache_dir)),
+        argv = _train_flags(teacher_net, teacher_dir, teacher_steps, TEACHER_SEED, cache_dir, class_weights)
+        runs.append(Run(direction, "teacher", teacher_net, 1.0, TEACHER_SEED, "", str(teacher_dir), tuple(argv),
                         (("steps", teacher_steps),)))
         for fraction in fractions:
             for taught in (False, True):
                 for seed in seeds:
                     workdir = out / direction / f"f{fraction:g}-{'taught' if taught else 'alone'}" / f"seed{seed}"
-                    argv = _train_flags(student_net, workdir, steps, seed, cache_dir)
+                    argv = _train_flags(student_net, workdir, steps, seed, cache_dir, class_weights)
                     argv.append(f"--labelled_fraction={fraction:g}")
                     expect = [("steps", steps), ("labelled_fraction", fraction)]
                     if taught:
@@ -159,24 +185,41 @@ def plan_runs(out, *, steps: int, teacher_steps: int, seeds: Sequence[int], frac
     return runs
 
 
-def run_process(command: Sequence[str], log_path: Path) -> dict:
+def _high_water_kib(pid: int) -> int | None:
+    """VmHWM (peak resident set, KiB) of a live process, from /proc; None once it has exited."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def run_process(command: Sequence[str], log_path: Path, poll_s: float = 0.1) -> dict:
     """Runs ``command`` with its output in ``log_path``; its exit status, wall time and peak memory.
 
-    ``os.wait4`` reaps the process and returns its own rusage, so
-    ``ru_maxrss`` (KiB on Linux) is this process's peak resident set alone.
+    The peak is the kernel's high-water mark of the process's resident set
+    (VmHWM in /proc/PID/status), read every ``poll_s`` seconds until it
+    exits: it only grows, so the last reading misses at most the last
+    ``poll_s``. (``ru_maxrss`` of the reaped child would be simpler but is
+    wrong here: Linux carries the parent's resident set at the fork into it.)
     """
     start = time.perf_counter()
+    peak = 0
     with open(log_path, "w") as log:
         process = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT)
         try:
-            _, status, usage = os.wait4(process.pid, 0)
+            while process.poll() is None:
+                peak = max(peak, _high_water_kib(process.pid) or 0)
+                time.sleep(poll_s)
         except BaseException:
             process.kill()
             process.wait()
             raise
-    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
     return {"returncode": process.returncode, "wall_s": round(time.perf_counter() - start, 1),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+            "peak_rss_mb": round(peak / 1024, 1)}
 
 
 def _check_reusable(run: Run, summary: dict) -> None:
@@ -216,9 +259,9 @@ def labelled_cases(fraction: float, training_cases: int) -> int:
     return len(subsets.labelled_indices(training_cases, fraction, 0))
 
 
-def _mean(values) -> str:
+def _median(values) -> str:
     values = [v for v in values if v is not None]
-    return f"{statistics.mean(values):.0f}" if values else "-"
+    return f"{statistics.median(values):.0f}" if values else "-"
 
 
 def _resource(rows, key) -> list:
@@ -246,8 +289,8 @@ def table(results: list[dict]) -> str:
         name = f"teacher: {rows[0]['network']}" if role == "teacher" else rows[0]["network"]
         cells = [direction, name, f"{fraction:g} ({labelled_cases(fraction, n)}/{n})",
                  "-" if role == "teacher" else ("yes" if taught else "no"), str(len(rows)),
-                 mean_spread(list(dice.values())), delta, _mean(_resource(rows, "wall_s")),
-                 _mean(_resource(rows, "peak_rss_mb"))]
+                 mean_spread(list(dice.values())), delta, _median(_resource(rows, "wall_s")),
+                 _median(_resource(rows, "peak_rss_mb"))]
         lines.append("| " + " | ".join(cells) + " |")
     notes = []
     baselines = {}
@@ -310,11 +353,11 @@ def main(argv=None) -> int:
         raise config_lib.ConfigError("kd_temperature", f"must be positive, got {args.kd_temperature}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    spacings = sorted({n.spacing for d in directions for n in DIRECTIONS[d]})
     runs = plan_runs(out, steps=args.steps, teacher_steps=args.teacher_steps, seeds=args.seeds, fractions=fractions,
                      kd_weight=args.kd_weight, kd_temperature=args.kd_temperature, cache_dir=args.cache_dir,
-                     directions=directions)
+                     class_weights={s: template_class_weights(s) for s in spacings}, directions=directions)
     cache_dir = args.cache_dir or config_lib.PRESETS["demo"].cache_path
-    spacings = sorted({n.spacing for d in directions for n in DIRECTIONS[d]})
     print(f"rendering the cases the runs read into {cache_dir} ...", flush=True)
     render_s = warm_cache(spacings, sorted({*args.seeds, TEACHER_SEED}), cache_dir)
     started = time.perf_counter()
