@@ -180,3 +180,23 @@ def test_bad_flags_are_one_line_errors(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --fractions: every fraction must be in (0, 1], got '0.5,2'",
                    "error: --directions: expected forward and/or reverse, got 'sideways'"]
+
+
+@pytest.mark.slow
+def test_real_runs_end_to_end(tmp_path, capsys):
+    # Three real train.main processes (a 3D teacher at 4 mm, a 2D student at 1 mm alone and taught), a few
+    # steps each; minutes here, mostly rendering the 1 mm cases and compiling.
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--steps=2", "--teacher_steps=2", "--seeds=0", "--fractions=0.1",
+            "--directions=forward"]
+    assert dr.main(argv) == 0
+    taught = json.loads((out / "forward" / "f0.1-taught" / "seed0" / "summary.json").read_text())
+    alone = json.loads((out / "forward" / "f0.1-alone" / "seed0" / "summary.json").read_text())
+    assert taught["teacher"] == str(out / "forward" / "teacher") and taught["labelled_fraction"] == 0.1
+    assert alone["labelled_cases"] == dr.labelled_cases(0.1, alone["training_cases"])
+    for summary in (taught, alone):
+        assert 0 <= summary["val_dice_mean"] <= 1 and summary["dims"] == 2
+    resources = json.loads((out / "forward" / "teacher" / "resources.json").read_text())
+    assert resources["returncode"] == 0 and resources["peak_rss_mb"] > 100 and resources["wall_s"] > 0
+    text = (out / "distillation.md").read_text()
+    assert text.count("| forward |") == 3 and "teacher: 3D U-Net" in text
