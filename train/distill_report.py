@@ -95,7 +95,7 @@ class Network:
 # three times, so the smallest patch that covers one is 24 x 56 x 48 (padded).
 NET_3D = Network("3D U-Net, 4 mm, whole volumes", 4.0, ("--spacing=4", "--patch=24,56,48", "--batch=2"))
 # Axial slices of the 1 mm volumes are 193 x 157; the 2D twin trains on
-# 128 x 128 crops of them, SLICES at a time, and validates on whole slices.
+# 128 x 128 crops of them, 16 at a time, and validates on whole slices.
 NET_2D = Network("2D U-Net, 1 mm, axial slices", 1.0, ("--dims=2", "--spacing=1", "--patch=1,128,128",
                                                         "--slices_batch=16"))
 # direction -> (teacher, student)
