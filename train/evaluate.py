@@ -55,6 +55,12 @@ def _mirror_axes(mirror, rank: int) -> tuple[int, ...]:
     return tuple(int(a) for a in mirror)
 
 
+def sliding_window(patch: Sequence[int], dims) -> tuple[int, ...]:
+    """The window a run's model is applied with: its 3D patch, or the patch's plane for a 2D model (dims 2)."""
+    patch = tuple(int(p) for p in patch)
+    return patch[1:] if dims == 2 else patch
+
+
 def predict_probabilities(
     model: nnx.Module | tuple[nnx.GraphDef, nnx.State],
     image: np.ndarray,

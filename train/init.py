@@ -216,7 +216,8 @@ def initialize(config: Config, task, state: dict, source, workdir: Path) -> dict
     tree2d = load_2d(config, build2d, source, task.mesh, workdir, task.class_weights, task.kind)
     target = {"params": task.abstract_state["params"], "model_state": task.abstract_state["model_state"]}
     wanted = {**flatten(target["params"]), **flatten(target["model_state"])}
-    flat = inflate_2d(config, tree2d, like=wanted)
+    # A 2D run (--dims=2) is the 2D network: its source's weights go in as they are.
+    flat = flatten(tree2d) if config.model_dims == 2 else inflate_2d(config, tree2d, like=wanted)
     # SoftACS view logits have no 2D counterpart: they start as the layer initialises them (zeros, equal mixing).
     flat.update({p: np.zeros(s.shape, s.dtype) for p, s in wanted.items() if p.endswith("view_logits") and p not in flat})
     try:

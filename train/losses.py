@@ -21,17 +21,30 @@ def _reduce_axes(logits: jax.Array) -> tuple[int, ...]:
     return tuple(range(logits.ndim - 1))
 
 
+def _per_example(weights: jax.Array | None, rank: int) -> jax.Array | None:
+    """(N,) example weights shaped to broadcast over ``(N, *spatial, K)``."""
+    if weights is None:
+        return None
+    return jnp.asarray(weights, jnp.float32).reshape((-1,) + (1,) * (rank - 1))
+
+
 def soft_dice_loss(
-    logits: jax.Array, labels: jax.Array, num_classes: int, *, smooth: float = 1e-5
+    logits: jax.Array, labels: jax.Array, num_classes: int, *, smooth: float = 1e-5,
+    sample_weights: jax.Array | None = None,
 ) -> jax.Array:
     """1 - mean soft Dice over the foreground classes (1..K-1) of the softmax.
 
     With a single class (K = 1, nothing to segment) it returns 0.
+    ``sample_weights`` ((N,), 0 or 1 for unlabelled / labelled examples)
+    leave weight-0 examples out of the batch Dice; all ones is the same as None.
     """
     if num_classes < 2:
         return jnp.zeros((), jnp.float32)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    w = _per_example(sample_weights, logits.ndim)
+    if w is not None:
+        probs, onehot = probs * w, onehot * w
     axes = _reduce_axes(logits)
     intersection = jnp.sum(probs * onehot, axis=axes)
     denominator = jnp.sum(probs, axis=axes) + jnp.sum(onehot, axis=axes)
@@ -39,12 +52,15 @@ def soft_dice_loss(
     return 1.0 - jnp.mean(dice[1:])
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, class_weights: Sequence[float] | None = None) -> jax.Array:
+def cross_entropy(logits: jax.Array, labels: jax.Array, class_weights: Sequence[float] | None = None,
+                  sample_weights: jax.Array | None = None) -> jax.Array:
     """Mean voxel-wise softmax cross-entropy, each voxel weighted by its true class's weight.
 
     The mean is over voxels (not over the weights, as PyTorch's weighted
     mean is), so the loss of a batch does not depend on which classes it
     happens to hold; :func:`balanced_class_weights` keeps its scale at 1.
+    With ``sample_weights`` ((N,)) the mean is over the voxels of the
+    weighted examples (0 when every weight is 0).
     """
     # A one-hot product rather than optax's integer-label gather: the gather's
     # gradient is a scatter-add over the whole volume, which XLA tries to
@@ -53,7 +69,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, class_weights: Sequence[
     onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
     if class_weights is not None:
         onehot = onehot * jnp.asarray(class_weights, jnp.float32)
-    return -jnp.mean(jnp.sum(onehot * log_probs, axis=-1))
+    per_voxel = -jnp.sum(onehot * log_probs, axis=-1)
+    if sample_weights is None:
+        return jnp.mean(per_voxel)
+    w = jnp.broadcast_to(_per_example(sample_weights, per_voxel.ndim), per_voxel.shape)
+    total = jnp.sum(w)
+    return jnp.sum(w * per_voxel) / jnp.where(total > 0, total, 1.0)
 
 
 def balanced_class_weights(counts: Sequence[float]) -> tuple[float, ...]:
@@ -75,11 +96,12 @@ def balanced_class_weights(counts: Sequence[float]) -> tuple[float, ...]:
 
 
 def dice_ce_loss(
-    logits: jax.Array, labels: jax.Array, num_classes: int, class_weights: Sequence[float] | None = None
+    logits: jax.Array, labels: jax.Array, num_classes: int, class_weights: Sequence[float] | None = None,
+    sample_weights: jax.Array | None = None,
 ) -> tuple[jax.Array, dict]:
     """Soft Dice + (optionally class-weighted) cross-entropy with equal weights; returns (loss, parts)."""
-    dice = soft_dice_loss(logits, labels, num_classes)
-    ce = cross_entropy(logits, labels, class_weights)
+    dice = soft_dice_loss(logits, labels, num_classes, sample_weights=sample_weights)
+    ce = cross_entropy(logits, labels, class_weights, sample_weights)
     return dice + ce, {"dice_loss": dice, "ce": ce}
 
 
@@ -108,11 +130,14 @@ def deep_supervision_weights(n: int) -> jnp.ndarray:
 
 
 def segmentation_loss(
-    outputs, labels: jax.Array, num_classes: int, class_weights: Sequence[float] | None = None
+    outputs, labels: jax.Array, num_classes: int, class_weights: Sequence[float] | None = None,
+    sample_weights: jax.Array | None = None,
 ) -> tuple[jax.Array, dict]:
     """Dice + CE of a model's output: one logits array or ``(main, *aux)``.
 
-    ``class_weights`` (one per class, or None) weight the cross-entropy.
+    ``class_weights`` (one per class, or None) weight the cross-entropy;
+    ``sample_weights`` ((N,), or None) leave examples out (0) of both terms:
+    the examples of unlabelled cases in a distillation run.
 
     Auxiliary heads (coarser resolutions, as the model returns with deep
     supervision in train mode) are scored against labels downsampled to their
@@ -120,13 +145,14 @@ def segmentation_loss(
     parts always describe the main head alone.
     """
     heads = tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
-    total, parts = dice_ce_loss(heads[0], labels, num_classes, class_weights)
+    total, parts = dice_ce_loss(heads[0], labels, num_classes, class_weights, sample_weights)
     if len(heads) == 1:
         return total, parts
     weights = deep_supervision_weights(len(heads))
     total = weights[0] * total
     for weight, head in zip(weights[1:], heads[1:]):
-        loss, _ = dice_ce_loss(head, downsample_labels(labels, head.shape[1:-1]), num_classes, class_weights)
+        loss, _ = dice_ce_loss(head, downsample_labels(labels, head.shape[1:-1]), num_classes, class_weights,
+                               sample_weights)
         total = total + weight * loss
     return total, parts
 

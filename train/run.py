@@ -28,6 +28,7 @@ import numpy as np
 
 import acsjax.ops
 
+from train import distill
 from train import init as init_lib
 from train import losses, tasks, trainer
 from train.checkpoint import Checkpoints
@@ -219,6 +220,10 @@ def _run(config: Config) -> dict:
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     kind = select_task(config)
+    if kind is not tasks.SEGMENTATION and (config.teacher or config.model_dims == 2):
+        flag = "teacher" if config.teacher else "dims"
+        raise ConfigError(flag, f"{'distillation' if config.teacher else 'a 2D run'} is built for segmentation; "
+                          f"this data set is a {kind.name} task")
     try:
         config = tasks.fit_model(kind, dataclasses.replace(config, task=kind.name))
     except ValueError as err:
@@ -228,23 +233,39 @@ def _run(config: Config) -> dict:
     trainer.check_batch_fits(mesh, config.batch, config.patch[0])
     train_src, val_src = open_source(config, "train"), open_source(config, "val")
     all_cases = len(train_src)
-    if not config.teacher:
-        # Without a teacher the unlabelled cases have nothing to teach: the run trains on the labelled ones.
-        train_src = subsets.labelled_subset(train_src, config.labelled_fraction, config.seed)
+    # The labelled cases: the only ones the 2D slice stage, class weights and (without a teacher) the run see.
+    labelled_src = subsets.labelled_subset(train_src, config.labelled_fraction, config.seed)
+    teacher = None
+    if config.teacher:
+        teacher = distill.load_teacher(config.teacher, num_classes=train_src.num_classes,
+                                       num_channels=train_src.num_channels, class_names=train_src.class_names)
+        logits = distill.cache_logits(teacher, train_src, workdir / distill.TEACHER_DIR, log=_log)
+        picks = getattr(labelled_src, "indices", np.arange(len(train_src)))
+        train_src = distill.DistillSource(train_src, logits, picks)
+    else:
+        train_src = labelled_src
     init_lib.check_patch_fits(config, train_src)
     num_classes = train_src.num_classes
     build = init_lib.model_fn(config, in_channels=train_src.num_channels, num_classes=num_classes, dims=config.model_dims)
     abstract_model = init_lib.check_model(build, config.patch)
     schedule = trainer.make_schedule(config.lr, config.steps, config.warmup_steps)
     tx = trainer.make_optimizer(schedule, weight_decay=config.weight_decay, grad_clip=config.grad_clip)
-    class_weights = class_weights_of(config, train_src, kind)
-    task = trainer.make_task(build, tx, schedule, num_classes, mesh, config.seed, class_weights, kind)
+    class_weights = class_weights_of(config, labelled_src, kind)
+    kd = trainer.Distill(config.kd_weight, config.kd_temperature) if teacher is not None else None
+    task = trainer.make_task(build, tx, schedule, num_classes, mesh, config.seed, class_weights, kind, kd)
     if jax.process_index() == 0:
         write_plan(workdir / PLAN, config, train_src, abstract_model, plan)
         write_run_config(workdir / "config.json", config, train_src)
 
-    ds = kind.train_data(train_src, config, batch=config.batch // jax.process_count(),
-                         shard_index=jax.process_index(), shard_count=jax.process_count())
+    if config.model_dims == 2:
+        # The 2D network itself: trained on axial slices, as the 2D twin of --pretrained=slices is.
+        trainer.check_batch_fits(mesh, config.slices_batch, config.patch[1], flag="slices_batch")
+        batch, voxels = config.slices_batch, config.slices_batch * math.prod(config.patch[1:])
+        make_data = kind.slice_data
+    else:
+        batch, voxels, make_data = config.batch, config.batch * math.prod(config.patch), kind.train_data
+    ds = make_data(train_src, config, batch=batch // jax.process_count(),
+                   shard_index=jax.process_index(), shard_count=jax.process_count())
     iterator = pipeline.make_iterator(ds, config.workers)
     checkpoints = Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
     restored = checkpoints.restore_latest(task.abstract_state, iterator)
@@ -252,14 +273,15 @@ def _run(config: Config) -> dict:
         start, state = restored
         _log(f"resuming from step {start} ({checkpoints.directory})")
     else:
-        start, state = 0, init_lib.initialize(config, task, task.init(), train_src, workdir)
+        start, state = 0, init_lib.initialize(config, task, task.init(), labelled_src, workdir)
 
     def validate_state(state, final):
         return kind.validate(trainer.eval_model(task, state), val_src, config, final=final)
 
-    progress = trainer.Progress(name="train", total=config.steps, voxels_per_step=config.batch * math.prod(config.patch),
+    progress = trainer.Progress(name="train", total=config.steps, voxels_per_step=voxels,
                                 csv_path=workdir / "metrics.csv", start=start, tensorboard=workdir / "tensorboard",
-                                step_metric=kind.step_metric, score=kind.score)
+                                step_metric=kind.step_metric, score=kind.score,
+                                extra_fields=("supervised", "distill") if kd is not None else ())
     try:
         state, result = trainer.fit(
             task, state, iterator, progress, start=start, stop=config.steps, log_every=config.log_every,
@@ -284,7 +306,10 @@ def _run(config: Config) -> dict:
         patch=list(config.patch), batch=config.batch, devices=jax.device_count(), processes=jax.process_count(),
         mesh=dict(mesh.shape), resumed_from=start or None, best_step=checkpoints.best_step(),
         class_weights=list(class_weights) if class_weights is not None else None,
-        labelled_fraction=config.labelled_fraction, labelled_cases=len(train_src), training_cases=all_cases,
+        labelled_fraction=config.labelled_fraction, labelled_cases=len(labelled_src), training_cases=all_cases,
+        teacher=teacher.describe() if teacher is not None else None,
+        kd_weight=config.kd_weight if teacher is not None else None,
+        kd_temperature=config.kd_temperature if teacher is not None else None,
     )
     if jax.process_index() == 0:
         report.write_summary(str(workdir), summary, required=report.COMMON + kind.required)

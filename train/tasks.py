@@ -60,8 +60,8 @@ class Segmentation:
 
         return model in SEGMENTATION_MODELS
 
-    def loss(self, outputs, labels, num_classes: int, class_weights):
-        return losses.segmentation_loss(outputs, labels, num_classes, class_weights)
+    def loss(self, outputs, labels, num_classes: int, class_weights, sample_weights=None):
+        return losses.segmentation_loss(outputs, labels, num_classes, class_weights, sample_weights)
 
     def step_metrics(self, logits, labels, num_classes: int) -> dict:
         return {"dice": losses.hard_dice(logits, labels, num_classes)}
@@ -78,8 +78,10 @@ class Segmentation:
     def validate(self, model, source, config, *, final: bool) -> dict[str, Any]:
         from train.evaluate import evaluate
 
+        from train.evaluate import sliding_window
+
         return evaluate(
-            model, source, patch=config.patch, num_classes=source.num_classes,
+            model, source, patch=sliding_window(config.patch, config.model_dims), num_classes=source.num_classes,
             overlap=config.eval_overlap, mirror=config.eval_mirror and final, baseline=final,
             keep_predictions=1 if final else 0, max_cases=config.max_eval_cases,
         )
@@ -121,11 +123,12 @@ class Segmentation:
     def predict(self, model, image, shape, config: dict, input_path: str, output_path: str, *,
                 overlap: float, mirror: bool, batch_size: int) -> dict:
         from train.data import nifti
-        from train.evaluate import back_to_input_grid, eval_view, predict_probabilities
+        from train.evaluate import back_to_input_grid, eval_view, predict_probabilities, sliding_window
 
         if not nifti.is_nifti(output_path):
             raise nifti.DataError(f"{output_path}: output must end in .nii or .nii.gz")
-        probs = predict_probabilities(eval_view(model), image, patch=tuple(config["patch"]), overlap=overlap,
+        probs = predict_probabilities(eval_view(model), image, patch=sliding_window(config["patch"], config["dims"]),
+                                      overlap=overlap,
                                       mirror=mirror, batch_size=batch_size)
         labels = back_to_input_grid(probs, shape)
         try:
@@ -165,9 +168,9 @@ class Classification:
 
         return model in MODELS and model not in SEGMENTATION_MODELS
 
-    def loss(self, outputs, labels, num_classes: int, class_weights):
+    def loss(self, outputs, labels, num_classes: int, class_weights, sample_weights=None):
         logits = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
-        ce = losses.cross_entropy(logits, labels, class_weights)
+        ce = losses.cross_entropy(logits, labels, class_weights, sample_weights)
         return ce, {"ce": ce}
 
     def step_metrics(self, logits, labels, num_classes: int) -> dict:

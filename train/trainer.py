@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 
 
-from train import tasks
+from train import losses, tasks
 from train import tensorboard as board_lib
 from train.checkpoint import Checkpoints
 from train.config import ConfigError, parse_mesh
@@ -103,14 +103,19 @@ def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, jax.P())
 
 
-def batch_shardings(mesh, label_axes=("data", "space")) -> dict[str, NamedSharding]:
+def batch_shardings(mesh, label_axes=("data", "space"), distill: bool = False) -> dict[str, NamedSharding]:
     """Shardings of a batch dict: batch axis on 'data', axis 1 (depth, or height in 2D) on 'space'.
 
     ``label_axes`` lays out the labels: voxel labels like the image, one class
-    per example (``('data',)``) along the batch only.
+    per example (``('data',)``) along the batch only. ``distill`` adds the
+    teacher's logits (laid out like the image) and the per-example
+    ``labelled`` flags of a distillation run.
     """
     spec = jax.P("data", "space")
-    return {"image": NamedSharding(mesh, spec), "label": NamedSharding(mesh, jax.P(*label_axes))}
+    out = {"image": NamedSharding(mesh, spec), "label": NamedSharding(mesh, jax.P(*label_axes))}
+    if distill:
+        out.update(teacher=NamedSharding(mesh, spec), labelled=NamedSharding(mesh, jax.P("data")))
+    return out
 
 
 def check_batch_fits(mesh, batch: int, depth: int, *, flag: str = "batch") -> None:
@@ -124,10 +129,10 @@ def check_batch_fits(mesh, batch: int, depth: int, *, flag: str = "batch") -> No
         raise ConfigError("mesh", f"the data axis ({data}) must be a multiple of the {jax.process_count()} processes")
 
 
-def shard_batch(batch: dict, mesh, label_axes=("data", "space")) -> dict[str, jax.Array]:
+def shard_batch(batch: dict, mesh, label_axes=("data", "space"), distill: bool = False) -> dict[str, jax.Array]:
     """This process's rows of the global batch -> global arrays sharded over the mesh."""
     out = {}
-    for key, sharding in batch_shardings(mesh, label_axes).items():
+    for key, sharding in batch_shardings(mesh, label_axes, distill).items():
         local = np.asarray(batch[key])
         global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
         out[key] = jax.make_array_from_process_local_data(sharding, local, global_shape)
@@ -161,6 +166,15 @@ class Task:
     init: Callable[[], dict]  # builds the initial state, sharded
     class_weights: tuple[float, ...] | None = None  # cross-entropy weight per class
     kind: Any = tasks.SEGMENTATION  # what is learnt: loss, step metrics, validation (train.tasks)
+    distill: Distill | None = None  # a teacher's logits in every batch: how much they weigh
+
+
+@dataclasses.dataclass(frozen=True)
+class Distill:
+    """Knowledge distillation settings: loss = (1 - weight) x supervised + weight x T^2 x KL(teacher || student)."""
+
+    weight: float
+    temperature: float
 
 
 def _split(model):
@@ -169,12 +183,13 @@ def _split(model):
 
 def make_task(
     model_fn: Callable[[nnx.Rngs], nnx.Module], tx, schedule, num_classes: int, mesh, seed: int = 0,
-    class_weights: Sequence[float] | None = None, kind=tasks.SEGMENTATION,
+    class_weights: Sequence[float] | None = None, kind=tasks.SEGMENTATION, distill: Distill | None = None,
 ) -> Task:
     """The Task of a model: its abstract state from ``jax.eval_shape`` (no memory used).
 
     ``class_weights`` (one float per class, or None) weight the loss's cross-entropy;
-    ``kind`` is what is learnt (a :mod:`train.tasks` task: loss and step metrics).
+    ``kind`` is what is learnt (a :mod:`train.tasks` task: loss and step metrics);
+    ``distill`` makes every batch carry a teacher's logits (see :func:`train_step`).
 
     ``task.init()`` then builds the initial state with
     ``jax.jit(init, out_shardings=...)``, directly in its sharded layout.
@@ -206,18 +221,31 @@ def make_task(
     weights = None if class_weights is None else tuple(float(w) for w in class_weights)
     if weights is not None and len(weights) != num_classes:
         raise ValueError(f"class_weights has {len(weights)} entries for {num_classes} classes")
-    return Task(graphdefs["train"], graphdefs["eval"], tx, schedule, num_classes, mesh, abstract, create, weights, kind)
+    return Task(graphdefs["train"], graphdefs["eval"], tx, schedule, num_classes, mesh, abstract, create, weights, kind,
+                distill)
 
 
 def train_step(task: Task, state: dict, batch: dict) -> tuple[dict, dict]:
-    """One optimizer step on ``batch`` (pure; ``make_step`` jits it)."""
+    """One optimizer step on ``batch`` (pure; ``make_step`` jits it).
+
+    With ``task.distill`` the batch also holds ``teacher`` (the teacher's
+    logits on the batch's voxels, NaN where the teacher has no data) and
+    ``labelled`` ((N,) 1 for examples of labelled cases, 0 for the others):
+    the loss is ``(1 - a) x supervised + a x T^2 x KL`` (:func:`train.losses.combined_loss`),
+    the supervised term over the labelled examples only, and both terms are
+    logged (``supervised``, ``distill``). The teacher's logits are data: no
+    gradient reaches the teacher.
+    """
 
     def loss_fn(params, model_state):
         # Fresh variables made inside this trace: BatchNorm may update them here.
         model = nnx.merge(task.graphdef, params, jax.tree.map(lambda x: x, model_state))
         outputs = model(batch["image"])
-        loss, parts = task.kind.loss(outputs, batch["label"], task.num_classes, task.class_weights)
         main = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+        if task.distill is None:
+            loss, parts = task.kind.loss(outputs, batch["label"], task.num_classes, task.class_weights)
+        else:
+            loss, parts = _distillation_objective(task, outputs, main, batch)
         return loss, (parts, _split(model)[2], main)
 
     (loss, (parts, model_state, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -241,12 +269,25 @@ def train_step(task: Task, state: dict, batch: dict) -> tuple[dict, dict]:
     return new_state, metrics
 
 
+def _distillation_objective(task: Task, outputs, main, batch) -> tuple[jax.Array, dict]:
+    labelled = batch["labelled"].astype(jnp.float32)
+    supervised, parts = task.kind.loss(outputs, batch["label"], task.num_classes, task.class_weights, labelled)
+    teacher = batch["teacher"]
+    valid = jnp.all(jnp.isfinite(teacher), axis=-1)
+    teacher = jnp.where(valid[..., None], teacher, 0.0)
+    distill = losses.distillation_loss(main, teacher, temperature=task.distill.temperature, mask=valid)
+    # With no labelled example in the batch, the supervised term is 0 and not counted.
+    weight = jnp.where(jnp.sum(labelled) > 0, 1.0 - task.distill.weight, 0.0)
+    loss = weight * supervised + task.distill.weight * distill
+    return loss, {**parts, "supervised": supervised, "distill": distill}
+
+
 def make_step(task: Task):
     """``train_step`` jitted with the state replicated, the batch sharded and the state donated."""
     state_shardings = jax.tree.map(lambda a: a.sharding, task.abstract_state)
     return jax.jit(
         functools.partial(train_step, task),
-        in_shardings=(state_shardings, batch_shardings(task.mesh, task.kind.label_axes)),
+        in_shardings=(state_shardings, batch_shardings(task.mesh, task.kind.label_axes, task.distill is not None)),
         out_shardings=(state_shardings, replicated(task.mesh)),
         donate_argnums=(0,),
     )
@@ -273,19 +314,24 @@ class Progress:
 
     ``step_metric`` and ``score`` are the task's (:mod:`train.tasks`): the
     per-step metric ('dice', 'accuracy') and the validation score; the
-    columns of metrics.csv follow them (segmentation's are unchanged).
+    columns of metrics.csv follow them (segmentation's are unchanged); ``extra_fields``
+    adds step metrics as columns and TensorBoard scalars.
     """
 
     FIELDS = ("step", "loss", "dice", "ce", "dice_loss", "grad_norm", "lr", "voxels_per_s", "val_dice_mean", "wall_s")
     TRAIN_SCALARS = ("loss", "dice", "ce", "dice_loss", "grad_norm", "lr", "voxels_per_s")
 
     def __init__(self, *, name: str, total: int, voxels_per_step: int, csv_path: Path | None, start: int,
-                 tensorboard: Path | None = None, step_metric: str = "dice", score: str = "val_dice_mean"):
+                 tensorboard: Path | None = None, step_metric: str = "dice", score: str = "val_dice_mean",
+                 extra_fields: Sequence[str] = ()):
         self.name, self.total, self.voxels = name, total, voxels_per_step
         self.step_metric, self.score = step_metric, score
         swap = {"dice": step_metric, "val_dice_mean": score}
-        self.FIELDS = tuple(swap.get(f, f) for f in type(self).FIELDS)
-        self.TRAIN_SCALARS = tuple(swap.get(f, f) for f in type(self).TRAIN_SCALARS)
+        fields = tuple(swap.get(f, f) for f in type(self).FIELDS)
+        # Extra step metrics (a distillation run's 'supervised' and 'distill' terms) go before the validation score.
+        at = fields.index("voxels_per_s") + 1
+        self.FIELDS = fields[:at] + tuple(extra_fields) + fields[at:]
+        self.TRAIN_SCALARS = tuple(swap.get(f, f) for f in type(self).TRAIN_SCALARS) + tuple(extra_fields)
         self.csv_path = csv_path if jax.process_index() == 0 else None
         self.pending: list[tuple[int, dict]] = []
         self.t0 = self.tick = time.perf_counter()
@@ -391,7 +437,7 @@ def fit(task: Task, state, iterator, progress: Progress, *, start: int, stop: in
     result = None
     try:
         for step in range(start + 1, stop + 1):
-            batch = shard_batch(next(iterator), task.mesh, task.kind.label_axes)
+            batch = shard_batch(next(iterator), task.mesh, task.kind.label_axes, task.distill is not None)
             with jax.set_mesh(task.mesh):
                 state, metrics = step_fn(state, batch)
             progress.add(step, metrics)

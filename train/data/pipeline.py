@@ -160,12 +160,19 @@ class PatchSampler(grain.transforms.RandomMap):
         if corner is None:
             corner = np.array([rng.integers(r + 1) for r in room], np.int64)
         start = corner - pad_lo
-        image = _crop(image, start, self.patch, 0.0).astype(np.float32, copy=False)
-        label = _crop(label, start, self.patch, 0).astype(np.int32, copy=False)
+        out = {
+            "image": _crop(image, start, self.patch, 0.0).astype(np.float32, copy=False),
+            "label": _crop(label, start, self.patch, 0).astype(np.int32, copy=False),
+        }
+        if "teacher" in case:
+            # A teacher's logits on the case's grid (NaN: no teacher data there, padding included).
+            out["teacher"] = _crop(case["teacher"], start, self.patch, np.nan).astype(np.float32, copy=False)
+            out["labelled"] = np.float32(case["labelled"])
         if self.squeeze_axis is not None:
-            image = np.squeeze(image, self.squeeze_axis)
-            label = np.squeeze(label, self.squeeze_axis)
-        return {"image": image, "label": label}
+            for key in ("image", "label", "teacher"):
+                if key in out:
+                    out[key] = np.squeeze(out[key], self.squeeze_axis)
+        return out
 
 
 class Augmenter(grain.transforms.RandomMap):
@@ -177,16 +184,19 @@ class Augmenter(grain.transforms.RandomMap):
     def random_map(self, sample: dict, rng: np.random.Generator) -> dict:
         cfg = self.settings
         image, label = sample["image"], sample["label"]
+        teacher = sample.get("teacher")  # moves with the image: the same flips and rotations
         nd = label.ndim
         if cfg.flip:
             for axis in range(nd):
                 if rng.random() < 0.5:
                     image, label = np.flip(image, axis), np.flip(label, axis)
+                    teacher = None if teacher is None else np.flip(teacher, axis)
         if cfg.rotate:
             plane = (nd - 2, nd - 1)
             square = label.shape[plane[0]] == label.shape[plane[1]]
             k = int(rng.integers(4)) if square else 2 * int(rng.integers(2))
             image, label = np.rot90(image, k, plane), np.rot90(label, k, plane)
+            teacher = None if teacher is None else np.rot90(teacher, k, plane)
         image = np.array(image, np.float32)  # a writable copy; the source may be read-only
         if cfg.scale is not None and rng.random() < cfg.p_intensity:
             image *= rng.uniform(*cfg.scale)
@@ -199,7 +209,10 @@ class Augmenter(grain.transforms.RandomMap):
                 lo, hi = float(x.min()), float(x.max())
                 span = max(hi - lo, 1e-6)
                 image[..., c] = ((x - lo) / span) ** g * span + lo
-        return {"image": image, "label": np.ascontiguousarray(label, np.int32)}
+        out = {"image": image, "label": np.ascontiguousarray(label, np.int32)}
+        if teacher is not None:
+            out.update(teacher=np.ascontiguousarray(teacher, np.float32), labelled=sample["labelled"])
+        return out
 
 
 def _positive_ints(value, n: int, name: str) -> tuple[int, ...]:
