@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from absl import flags
@@ -76,6 +77,32 @@ def test_commands_build_the_intended_configs(tmp_path):
 def test_template_class_weights_are_balanced_and_favour_the_rarer_white_matter():
     weights = dr.template_class_weights(4.0)
     assert len(weights) == 3 and weights[2] > weights[1] > 1 > weights[0] > 0
+
+
+def test_cases_read_are_the_teachers_seed_on_its_grid_and_every_seed_on_the_students():
+    assert dr.cases_read(["forward"], [1, 2]) == {1.0: [1, 2], 4.0: [0]}
+    assert dr.cases_read(["forward", "reverse"], [1, 2]) == {1.0: [0, 1, 2], 4.0: [0, 1, 2]}
+
+
+def test_taught_runs_of_a_seed_share_the_teacher_logits_of_the_first(tmp_path):
+    from train import distill
+
+    assert (dr.TEACHER_DIR, dr.TEACHER_RECORD) == (distill.TEACHER_DIR, distill._RECORD)
+    runs = [r for r in _plan(tmp_path, fractions=(1.0, 0.25, 0.1)) if r.direction == "forward" and r.teacher]
+    by = {(r.fraction, r.seed): r for r in runs}
+    assert by[1.0, 0].logits_from == () and by[0.1, 1].logits_from == (by[1.0, 1].workdir, by[0.25, 1].workdir)
+    first, later = Path(by[1.0, 0].workdir), Path(by[0.25, 0].workdir)
+    (first / "teacher").mkdir(parents=True)
+    (first / "teacher" / "case_000.npy").write_bytes(b"logits")
+    (first / "teacher" / "teacher.json").write_text("{}")
+    assert dr.share_teacher_logits(later, [str(first)]) is None  # not finished: its logits may be partial
+    (first / "summary.json").write_text("{}")
+    assert dr.share_teacher_logits(later, [str(first)]) == str(first)
+    linked = later / "teacher" / "case_000.npy"
+    assert linked.read_bytes() == b"logits" and linked.stat().st_ino == (first / "teacher" / "case_000.npy").stat().st_ino
+    assert (later / "teacher" / "teacher.json").read_text() == "{}"
+    assert not (later / "teacher" / "teacher.json").samefile(first / "teacher" / "teacher.json")
+    assert dr.share_teacher_logits(later, [str(first)]) is None  # it has its own now
 
 
 def _summary(dice, **kw):
@@ -192,7 +219,8 @@ def test_real_runs_end_to_end(tmp_path, capsys):
     assert dr.main(argv) == 0
     taught = json.loads((out / "forward" / "f0.1-taught" / "seed0" / "summary.json").read_text())
     alone = json.loads((out / "forward" / "f0.1-alone" / "seed0" / "summary.json").read_text())
-    assert taught["teacher"] == str(out / "forward" / "teacher") and taught["labelled_fraction"] == 0.1
+    assert taught["teacher"]["workdir"] == str((out / "forward" / "teacher").resolve())
+    assert taught["labelled_fraction"] == 0.1 and taught["kd_weight"] == 0.5
     assert alone["labelled_cases"] == dr.labelled_cases(0.1, alone["training_cases"])
     for summary in (taught, alone):
         assert 0 <= summary["val_dice_mean"] <= 1 and summary["dims"] == 2

@@ -38,7 +38,11 @@ and its row in the table reports:
   mean ± standard deviation over seeds. "Δ alone" is the paired difference,
   seed by seed, from the same fraction's students without a teacher.
 - wall s: the process's wall time from start to exit (start-up, compilation,
-  the teacher's logits, training and the final validation); median over seeds.
+  the teacher's logits, training and the final validation); median over
+  seeds. The teacher's logits depend on the case, not on which cases keep
+  labels, so a seed's taught runs share them: the first fraction's run
+  computes them and its wall time includes that; the later fractions' runs
+  start with them (hard links in WORKDIR/teacher).
 - peak MB: the process's peak resident memory, the kernel's high-water mark
   (VmHWM) read from /proc while it runs (its own, not the command's or other
   runs'; see :func:`run_process`); median over seeds. It is host memory: on
@@ -69,6 +73,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -78,8 +84,8 @@ from typing import Callable, Mapping, Sequence
 
 from train import cli
 from train import config as config_lib
-from train.compare import _fmt as mean_spread
 from train.data import subsets
+from train.label_fractions import fmt as mean_spread
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,16 +100,17 @@ class Network:
 # The 4 mm training volumes are 21 x 51 x 41 voxels; the U-Net downsamples
 # three times, so the smallest patch that covers one is 24 x 56 x 48 (padded).
 NET_3D = Network("3D U-Net, 4 mm, whole volumes", 4.0, ("--spacing=4", "--patch=24,56,48", "--batch=2"))
-# Axial slices of the 1 mm volumes are 193 x 157; the 2D twin trains on
-# 128 x 128 crops of them, 16 at a time, and validates on whole slices.
-NET_2D = Network("2D U-Net, 1 mm, axial slices", 1.0, ("--dims=2", "--spacing=1", "--patch=1,128,128",
-                                                        "--slices_batch=16"))
+# Axial slices of the 1 mm volumes are 193 x 157; the 2D twin trains on whole
+# slices (padded to 208 x 160), 8 at a time, and validates with one window per slice.
+NET_2D = Network("2D U-Net, 1 mm, axial slices", 1.0, ("--dims=2", "--spacing=1", "--patch=1,208,160",
+                                                        "--slices_batch=8"))
 # direction -> (teacher, student)
 DIRECTIONS: dict[str, tuple[Network, Network]] = {"forward": (NET_3D, NET_2D), "reverse": (NET_2D, NET_3D)}
 TEACHER_SEED = 0
 SUMMARY = "summary.json"
 RESOURCES = "resources.json"  # wall time and peak memory of the run's process, written by this command
 LOG = "log.txt"
+TEACHER_DIR, TEACHER_RECORD = "teacher", "teacher.json"  # a student's cached teacher logits (train.distill)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +126,7 @@ class Run:
     workdir: str
     argv: tuple[str, ...]  # train.main's flags
     expect: tuple[tuple[str, object], ...]  # summary.json fields a reused run must match
+    logits_from: tuple[str, ...] = ()  # earlier taught runs of the same seed, whose teacher logits are this run's
 
     def command(self) -> list[str]:
         """The command line that trains it."""
@@ -169,6 +177,7 @@ def plan_runs(out, *, steps: int, teacher_steps: int, seeds: Sequence[int], frac
         argv = _train_flags(teacher_net, teacher_dir, teacher_steps, TEACHER_SEED, cache_dir, class_weights)
         runs.append(Run(direction, "teacher", teacher_net, 1.0, TEACHER_SEED, "", str(teacher_dir), tuple(argv),
                         (("steps", teacher_steps),)))
+        taught_dirs: dict[int, list[str]] = {seed: [] for seed in seeds}
         for fraction in fractions:
             for taught in (False, True):
                 for seed in seeds:
@@ -181,7 +190,10 @@ def plan_runs(out, *, steps: int, teacher_steps: int, seeds: Sequence[int], frac
                                  f"--kd_temperature={kd_temperature:g}"]
                         expect += [("kd_weight", kd_weight), ("kd_temperature", kd_temperature)]
                     runs.append(Run(direction, "student", student_net, fraction, seed,
-                                    str(teacher_dir) if taught else "", str(workdir), tuple(argv), tuple(expect)))
+                                    str(teacher_dir) if taught else "", str(workdir), tuple(argv), tuple(expect),
+                                    tuple(taught_dirs[seed]) if taught else ()))
+                    if taught:
+                        taught_dirs[seed].append(str(workdir))
     return runs
 
 
@@ -229,6 +241,28 @@ def _check_reusable(run: Run, summary: dict) -> None:
                                          f"{value}; choose another --out or remove it")
 
 
+def share_teacher_logits(workdir: Path, siblings: Sequence[str]) -> str | None:
+    """Links the teacher logits of the first finished run in ``siblings`` into WORKDIR/teacher; its workdir, or None.
+
+    A teacher's logits depend on the teacher and the case, not on which
+    cases keep their labels, so the taught runs of one seed share them. The
+    .npy files are hard links (train.distill replaces them, never rewrites
+    them in place); the record of which teacher made them is copied.
+    """
+    own = workdir / TEACHER_DIR
+    if own.exists():
+        return None
+    for sibling in siblings:
+        theirs = Path(sibling) / TEACHER_DIR
+        if (Path(sibling) / SUMMARY).exists() and (theirs / TEACHER_RECORD).exists():
+            own.mkdir(parents=True)
+            for path in theirs.glob("*.npy"):
+                os.link(path, own / path.name)
+            shutil.copyfile(theirs / TEACHER_RECORD, own / TEACHER_RECORD)
+            return sibling
+    return None
+
+
 def execute(run: Run, runner: Callable[[Sequence[str], Path], dict] = run_process, log=print) -> dict:
     """Trains ``run`` unless its workdir holds a finished run; the result row for :func:`table`.
 
@@ -242,8 +276,11 @@ def execute(run: Run, runner: Callable[[Sequence[str], Path], dict] = run_proces
         log(f"reusing {workdir}")
     else:
         workdir.mkdir(parents=True, exist_ok=True)
-        log(f"training {workdir} ...")
+        shared = share_teacher_logits(workdir, run.logits_from) if run.teacher else None
+        log(f"training {workdir}" + (f" (the teacher's logits from {shared})" if shared else "") + " ...")
         resources = runner(run.command(), workdir / LOG)
+        if run.teacher:
+            resources["teacher_logits_from"] = shared
         if resources["returncode"] != 0 or not summary_path.exists():
             raise RuntimeError(f"{workdir}: train.main exited with status {resources['returncode']}; "
                                f"see {workdir / LOG}")
@@ -304,12 +341,27 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
-def warm_cache(spacings: Sequence[float], seeds: Sequence[int], cache_dir: str) -> float:
-    """Renders the training cases of ``seeds`` and the validation cases at ``spacings`` into the cache; seconds."""
+def cases_read(directions: Sequence[str], seeds: Sequence[int]) -> dict[float, list[int]]:
+    """spacing -> the seeds whose training cases the runs read at that spacing (validation cases at every one).
+
+    A teacher trains on its own spacing's cases of its seed and computes its
+    logits on the student's cases (resampled, not rendered again); a student
+    reads its own spacing's cases of its seed.
+    """
+    needs: dict[float, set[int]] = {}
+    for direction in directions:
+        teacher, student = DIRECTIONS[direction]
+        needs.setdefault(teacher.spacing, set()).add(TEACHER_SEED)
+        needs.setdefault(student.spacing, set()).update(seeds)
+    return {spacing: sorted(s) for spacing, s in sorted(needs.items())}
+
+
+def warm_cache(needs: Mapping[float, Sequence[int]], cache_dir: str) -> float:
+    """Renders the training cases of each spacing's seeds and the validation cases into the cache; seconds."""
     from train.data.mni152 import MNI152Source
 
     start = time.perf_counter()
-    for spacing in spacings:
+    for spacing, seeds in needs.items():
         sources = [MNI152Source("validation", cache_dir=cache_dir, spacing=spacing)]
         sources += [MNI152Source("train", cache_dir=cache_dir, seed=seed, spacing=spacing) for seed in seeds]
         for source in sources:
@@ -362,7 +414,7 @@ def main(argv=None) -> int:
                      class_weights=weights, directions=directions)
     cache_dir = args.cache_dir or config_lib.PRESETS["demo"].cache_path
     print(f"rendering the cases the runs read into {cache_dir} ...", flush=True)
-    render_s = warm_cache(spacings, sorted({*args.seeds, TEACHER_SEED}), cache_dir)
+    render_s = warm_cache(cases_read(directions, args.seeds), cache_dir)
     started = time.perf_counter()
     try:
         results = [execute(run, run_process, log=lambda m: print(m, flush=True)) for run in runs]
