@@ -214,7 +214,7 @@ def test_bad_flags_are_one_line_errors(capsys):
 @pytest.mark.slow
 def test_real_runs_end_to_end(tmp_path, capsys):
     # Three real train.main processes (a 3D teacher at 4 mm, a 2D student at 1 mm alone and taught), a few
-    # steps each; minutes here, mostly rendering the 1 mm cases and compiling.
+    # steps each; about 7 minutes on two busy CPU cores, mostly rendering the 1 mm cases and compiling.
     out = tmp_path / "out"
     argv = ["--out", str(out), "--steps=2", "--teacher_steps=2", "--seeds=0", "--fractions=0.1",
             "--directions=forward"]
