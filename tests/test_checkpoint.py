@@ -100,6 +100,7 @@ def _committed_steps(directory):
     return [p for p in directory.glob("*") if p.name.isdigit()] if directory.is_dir() else []
 
 
+@pytest.mark.slow  # a whole run (or several compiles); `pytest -m slow` runs it
 def test_sigkill_at_a_drawn_step_then_resume_is_bit_identical(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run(_cli(whole), check=True, capture_output=True, timeout=300)
@@ -139,6 +140,7 @@ def test_sigkill_at_a_drawn_step_then_resume_is_bit_identical(tmp_path):
     assert killed_loss == whole_loss
 
 
+@pytest.mark.slow  # a whole run (or several compiles); `pytest -m slow` runs it
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     original = trainer.train_step
 

@@ -87,6 +87,7 @@ def test_a_2d_student_learns_from_a_3d_teacher_on_another_grid(teacher_run, stud
     assert written.shape == image.shape and np.allclose(written.affine, affine) and info["step"] == 3
 
 
+@pytest.mark.slow  # a whole run (or several compiles); `pytest -m slow` runs it
 def test_the_reverse_direction_a_3d_student_from_a_2d_teacher(student_2d):
     workdir, _, _ = student_2d
     reverse = workdir.parent / "student3d"

@@ -358,6 +358,7 @@ def test_predict_reproduces_the_runs_validation(tmp_path):
     np.testing.assert_allclose([dice[names.index(n)] for n in want], list(want.values()), atol=1e-9)
 
 
+@pytest.mark.slow  # a whole run (or several compiles); `pytest -m slow` runs it
 def test_eval_mirror_applies_to_the_final_validation_only(tmp_path, monkeypatch):
     """--eval_mirror: intermediate validations stay single-pass, the final one averages 8 mirrored passes."""
     import train.evaluate

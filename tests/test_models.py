@@ -87,6 +87,7 @@ def test_main_prints_count_table(capsys):
     assert len([line for line in out.splitlines() if line.startswith("| ")]) == 3  # header and two models
 
 
+@pytest.mark.slow  # a whole run (or several compiles); `pytest -m slow` runs it
 def test_boring_volume_resnet_unet():
     """resnet18_unet 2D -> 3D ('average', edge depth padding): every slice of the 3D output equals the 2D output."""
     kw = dict(in_channels=1, num_classes=2, pool_depth=False, depth_padding="edge")
@@ -229,7 +230,11 @@ def test_bad_input_errors():
         assert "\n" not in str(info.value), str(info.value)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+# The larger members of each family compile for 5-13 s each on two CPU cores: they run with -m slow.
+_HEAVY = ("resnet34", "resnet50", "resnet34_unet", "resnet50_unet", "efficientnet_lite0", "efficientnet_lite0_unet")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _HEAVY else n for n in MODELS])
 def test_output_shapes_every_dims(name):
     """Traced forward passes (no compilation): logits of the documented shapes for every dims."""
     for dims in (2, 3, "acs", "2.5d"):

@@ -6,6 +6,7 @@ batch and runs the sharded train step; both also save and restore one
 checkpoint through the shared Orbax manager.
 """
 
+import pytest
 import json
 import os
 import socket
@@ -76,6 +77,7 @@ def _env(**extra):
     return env
 
 
+@pytest.mark.slow  # a whole run (or several compiles); `pytest -m slow` runs it
 def test_two_processes_equal_one_process(tmp_path):
     address = f"127.0.0.1:{_free_port()}"
     multi_dir, single_dir = tmp_path / "multi", tmp_path / "single"

@@ -118,6 +118,7 @@ def test_inflated_top1_on_a_repeated_photograph_at_any_depth(lite0_2d, init):
         chex.assert_trees_all_close(logits, logits2d, atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.slow  # a whole run (or several compiles); `pytest -m slow` runs it
 def test_center_and_acs_on_a_repeated_photograph(lite0_2d):
     """What holds exactly on an image repeated along depth (default edge depth padding, depth striding on).
 
