@@ -188,9 +188,16 @@ def test_gemm_under_vmap_and_remat():
     chex.assert_trees_all_close(fast, ref, atol=2e-5, rtol=2e-5)
 
 
+# Chunked (streamed, one-byte budgets) forms compile many small programs: by default only the small 3D case runs
+# chunked; the larger cases' chunked runs are -m slow.
+_CASES_CHUNKED = [
+    pytest.param(name, chunked, marks=[pytest.mark.slow] if chunked and name != "3d-pairs" else [])
+    for name in ("3d-pairs", "3d-stride2-odd", "acs-k5") for chunked in (False, True)
+]
+
+
 @pytest.mark.parametrize("form", ["scatter", "gather", "hybrid"])
-@pytest.mark.parametrize("chunked", [False, True])
-@pytest.mark.parametrize("name", ["3d-pairs", "3d-stride2-odd", "acs-k5"])
+@pytest.mark.parametrize("name,chunked", _CASES_CHUNKED)
 def test_forms_match_xla(name, chunked, form, monkeypatch):
     """Each GEMM form, over the whole volume and (chunked) streamed over depth slices and row chunks."""
     monkeypatch.setattr(lowering, "FORM", form)

@@ -114,6 +114,7 @@ def test_fewest_devices_stops_at_the_first_fit_and_skips_what_cannot_win(monkeyp
     assert best is None and len(tried) == 2 * len(counts)
 
 
+@pytest.mark.slow  # compiles three steps in a child process; the fake-compile tests above cover the search
 def test_pair_command_at_a_small_volume():
     result = _run("--pair", "--volume", "32", "--teacher_factor", "4", "--widths", "8,16", "--remat", "none",
                   "--max_devices", "2", "--max_slice_batch", "1", "--budget_gb", "80")
