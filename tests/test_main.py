@@ -53,6 +53,9 @@ def test_help_documents_every_flag():
         (["--no_such_flag=1"], "no_such_flag"),
         (["--init=bogus"], "init"),
         (["--mesh=data=3"], "mesh"),  # one CPU device here
+        (["--labelled_fraction=0"], "labelled_fraction"),
+        # Reached in the run, after the data is opened: a directory that is not a finished run.
+        (["--preset=cpu-tiny", "--init=scratch", "--teacher=tests"], "teacher"),
     ],
 )
 def test_cli_bad_flag_exits_with_one_line(argv, flag, tmp_path):
@@ -74,6 +77,11 @@ def test_cli_bad_flag_exits_with_one_line(argv, flag, tmp_path):
         (["--model_option=widths"], "model_option"),
         (["--class_weights=heavy"], "class_weights"),
         (["--class_weights=1,-2,1"], "class_weights"),
+        (["--dims=2", "--init=scale"], "dims"),
+        (["--dims=3"], "dims"),
+        (["--kd_weight=1.5"], "kd_weight"),
+        (["--kd_temperature=0"], "kd_temperature"),
+        (["--teacher=no/such/run"], "teacher"),
     ],
 )
 def test_bad_config_names_the_flag(argv, flag, tmp_path):
