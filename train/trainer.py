@@ -276,9 +276,8 @@ def _distillation_objective(task: Task, outputs, main, batch) -> tuple[jax.Array
     valid = jnp.all(jnp.isfinite(teacher), axis=-1)
     teacher = jnp.where(valid[..., None], teacher, 0.0)
     distill = losses.distillation_loss(main, teacher, temperature=task.distill.temperature, mask=valid)
-    # With no labelled example in the batch, the supervised term is 0 and not counted.
-    weight = jnp.where(jnp.sum(labelled) > 0, 1.0 - task.distill.weight, 0.0)
-    loss = weight * supervised + task.distill.weight * distill
+    # A batch without labelled examples has a supervised term of exactly 0 (see segmentation_loss's sample_weights).
+    loss = losses.combined_loss(supervised, distill, task.distill.weight)
     return loss, {**parts, "supervised": supervised, "distill": distill}
 
 
