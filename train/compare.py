@@ -242,13 +242,7 @@ def plot(results: list[dict], path: Path, metric: str = "validation Dice (mean o
         for j, r in enumerate(x for x in results if x["name"] == name):
             steps, dice = zip(*r["curve"]) if r["curve"] else ((), ())
             ax.plot(steps, dice, marker="o", ms=3, color=colours(i % 10), alpha=0.9, label=name if j == 0 else None)
-    ax.set_xlabel("3D training step")
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    label_fractions.save_figure(fig, ax, path, xlabel="3D training step", ylabel=metric)
 
 
 def base_config(preset: str, *, steps: int = 0, model: str = "", class_weights: str = "", eval_every: int = 0,

@@ -195,8 +195,15 @@ def plot(results: list[dict], metric: str, path: Path) -> None:
     ax.set_xticks(fractions)
     ax.set_xticklabels([f"{f:g}" for f in fractions])
     ax.minorticks_off()
-    ax.set_xlabel("labelled fraction of the training cases")
-    ax.set_ylabel(metric)
+    save_figure(fig, ax, path, xlabel="labelled fraction of the training cases", ylabel=metric)
+
+
+def save_figure(fig, ax, path, *, xlabel: str, ylabel: str) -> None:
+    """Labels, grid and legend as every comparison figure has them; writes ``path`` and closes the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
