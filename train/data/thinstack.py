@@ -113,23 +113,31 @@ def write_dataset(out: str, *, num_cases: int = 4, slice_mm: int = 7, inplane_mm
         side = size + (0, 2, -2)[i % 3]
         image, label, affine = make_case(thickness, inplane_mm, side, offset=((i % 3) - 1, 1 - (i % 3)),
                                          max_slices=max_slices)
-        name = f"thin_{i:03d}"
-        nifti.write_volume(image, affine, os.path.join(out, "imagesTr", f"{name}.nii.gz"))
-        nifti.write_volume(label, affine, os.path.join(out, "labelsTr", f"{name}.nii.gz"))
-        training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
+        training.append(_write_case(out, f"thin_{i:03d}", image, label, affine))
+    _write_dataset_json(out, "MNI152 thick slices", f"MNI152 2009 T1 box-averaged to {slice_mm} mm slices "
+                        f"(+-{jitter_mm} mm), {inplane_mm} mm in-plane", training)
+    return out
+
+
+def _write_case(out: str, name: str, image: np.ndarray, label: np.ndarray, affine: np.ndarray) -> dict:
+    """Writes one case's image and label; returns its dataset.json 'training' entry."""
+    nifti.write_volume(image, affine, os.path.join(out, "imagesTr", f"{name}.nii.gz"))
+    nifti.write_volume(label, affine, os.path.join(out, "labelsTr", f"{name}.nii.gz"))
+    return {"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"}
+
+
+def _write_dataset_json(out: str, name: str, description: str, training: list[dict]) -> None:
     meta = {
-        "name": "MNI152 thick slices",
-        "description": (f"MNI152 2009 T1 box-averaged to {slice_mm} mm slices (+-{jitter_mm} mm), "
-                        f"{inplane_mm} mm in-plane"),
+        "name": name,
+        "description": description,
         "labels": {str(i): n for i, n in enumerate(CLASS_NAMES)},
         "modality": {"0": "MRI"},
-        "numTraining": num_cases,
+        "numTraining": len(training),
         "training": training,
         "test": [],
     }
     with open(os.path.join(out, "dataset.json"), "w") as f:
         json.dump(meta, f, indent=2)
-    return out
 
 
 def thicken(image: np.ndarray, label: np.ndarray, affine: np.ndarray,
@@ -176,26 +184,14 @@ def write_rendered_dataset(out: str, *, num_train: int = 12, num_val: int = 3, s
         for index in range(len(source)):
             case = source[index]
             image, label, affine = thicken(case["image"][..., 0], case["label"], case["affine"], factors)
-            name = case["name"]
-            nifti.write_volume(image, affine, os.path.join(out, "imagesTr", f"{name}.nii.gz"))
-            nifti.write_volume(label, affine, os.path.join(out, "labelsTr", f"{name}.nii.gz"))
-            training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
-            split[part].append(name)
-    meta = {
-        "name": "MNI152 renderings, thick slices",
-        "description": (f"the MNI152 demo's randomised renderings at {source_mm} mm, box-averaged to {slice_mm} mm "
-                        f"slices, {inplane_mm} mm in-plane; train: lower brain slab, val: upper slab"),
-        "labels": {str(i): n for i, n in enumerate(CLASS_NAMES)},
-        "modality": {"0": "MRI"},
-        "numTraining": len(training),
-        "training": training,
-        "test": [],
-    }
+            training.append(_write_case(out, case["name"], image, label, affine))
+            split[part].append(case["name"])
     with open(os.path.join(out, SPLITS_FILE), "w") as f:
         json.dump([split], f, indent=2)
     # dataset.json last: a folder that has it is complete.
-    with open(os.path.join(out, "dataset.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+    _write_dataset_json(out, "MNI152 renderings, thick slices",
+                        f"the MNI152 demo's randomised renderings at {source_mm} mm, box-averaged to {slice_mm} mm "
+                        f"slices, {inplane_mm} mm in-plane; train: lower brain slab, val: upper slab", training)
     return out
 
 
