@@ -374,5 +374,38 @@ def test_eval_mirror_applies_to_the_final_validation_only(tmp_path, monkeypatch)
     monkeypatch.setattr(train.evaluate, "evaluate", recording)
     cfg = config.preset("cpu-tiny", workdir=str(tmp_path), init="scratch", steps=4, eval_every=2, eval_mirror=True)
     summary = run.train_and_evaluate(cfg)
-    assert calls == [(False, False), (True, True)]  # step 2, then the final step 4
+    assert calls == [(False, ()), (True, (1, 2, 3))]  # step 2, then the final step 4 (cpu-tiny mirrors d, h, w)
     assert 0 <= summary["val_dice_mean"] <= 1
+
+
+def test_mirror_axes_letters_map_to_window_axes():
+    assert ev.mirror_axes_of("dhw", 3) == (1, 2, 3)
+    assert ev.mirror_axes_of("w", 3) == (3,) and ev.mirror_axes_of("wd", 3) == (1, 3)
+    assert ev.mirror_axes_of("dhw", 2) == (1, 2) and ev.mirror_axes_of("w", 2) == (2,)
+    assert ev.mirror_axes_of("d", 2) == ()  # slice by slice, a depth flip changes nothing
+
+
+@pytest.mark.parametrize("letters", ["", "x", "ww", "dhwd"])
+def test_bad_mirror_axes_name_the_flag(letters):
+    from train import config
+
+    with pytest.raises(config.ConfigError) as info:
+        config.validate(config.preset("cpu-tiny", workdir="w", eval_mirror_axes=letters))
+    assert info.value.line().startswith("error: --eval_mirror_axes: expected distinct letters of d, h, w")
+
+
+@pytest.mark.parametrize("preset,dims,final,want", [
+    ("demo", "auto", True, (3,)),        # the demo: left-right only
+    ("demo", "2", True, (2,)),           # a 2D model's width axis
+    ("default", "auto", True, (1, 2, 3)),
+    ("demo", "auto", False, ()),         # intermediate validations never mirror
+])
+def test_validation_mirrors_the_configured_axes(monkeypatch, preset, dims, final, want):
+    from train import config, tasks
+
+    seen = {}
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: seen.update(k))
+    cfg = config.preset(preset, workdir="w", dims=dims, init="scratch" if dims == "2" else "scale")
+    source = type("S", (), {"num_classes": 3})()
+    tasks.SEGMENTATION.validate(None, source, cfg, final=final)
+    assert seen["mirror"] == want and seen["baseline"] == final

@@ -61,6 +61,16 @@ def sliding_window(patch: Sequence[int], dims) -> tuple[int, ...]:
     return patch[1:] if dims == 2 else patch
 
 
+def mirror_axes_of(letters: str, dims) -> tuple[int, ...]:
+    """The ``mirror`` axes of :func:`predict_probabilities` for data-layout axis letters ('dhw', 'w', ...).
+
+    A 3D window counts d, h, w as 1, 2, 3; a 2D model (``dims`` 2) sees h, w as
+    1, 2 and has no depth to flip (slice by slice, a depth flip changes nothing).
+    """
+    index = {"h": 1, "w": 2} if dims == 2 else {"d": 1, "h": 2, "w": 3}
+    return tuple(index[a] for a in "dhw" if a in letters and a in index)
+
+
 def predict_probabilities(
     model: nnx.Module | tuple[nnx.GraphDef, nnx.State],
     image: np.ndarray,

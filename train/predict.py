@@ -292,7 +292,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "classification run, the JSON file of class probabilities")
     parser.add_argument("--overlap", type=float, default=None, help="sliding-window overlap in [0, 1) "
                         "(default: the run's eval_overlap)")
-    parser.add_argument("--mirror", action="store_true", help="mirror test-time augmentation (8x slower in 3D)")
+    parser.add_argument("--mirror", action="store_true", help="mirror test-time augmentation over the run's "
+                        "eval_mirror_axes (all three: 8x slower in 3D; the demo's left-right only: 2x)")
     parser.add_argument("--batch_size", type=int, default=2, help="windows per network call")
     parser.add_argument("--checkpoint", choices=("best", "latest"), default="best",
                         help="best validation Dice (default) or the newest step")

@@ -76,13 +76,12 @@ class Segmentation:
         )
 
     def validate(self, model, source, config, *, final: bool) -> dict[str, Any]:
-        from train.evaluate import evaluate
+        from train.evaluate import evaluate, mirror_axes_of, sliding_window
 
-        from train.evaluate import sliding_window
-
+        mirror = mirror_axes_of(config.eval_mirror_axes, config.model_dims) if config.eval_mirror and final else ()
         return evaluate(
             model, source, patch=sliding_window(config.patch, config.model_dims), num_classes=source.num_classes,
-            overlap=config.eval_overlap, mirror=config.eval_mirror and final, baseline=final,
+            overlap=config.eval_overlap, mirror=mirror, baseline=final,
             keep_predictions=1 if final else 0, max_cases=config.max_eval_cases,
         )
 
@@ -123,13 +122,14 @@ class Segmentation:
     def predict(self, model, image, shape, config: dict, input_path: str, output_path: str, *,
                 overlap: float, mirror: bool, batch_size: int) -> dict:
         from train.data import nifti
-        from train.evaluate import back_to_input_grid, eval_view, predict_probabilities, sliding_window
+        from train.evaluate import back_to_input_grid, eval_view, mirror_axes_of, predict_probabilities, sliding_window
 
         if not nifti.is_nifti(output_path):
             raise nifti.DataError(f"{output_path}: output must end in .nii or .nii.gz")
+        # The run's own mirror axes (runs written before the setting existed mirrored all three).
+        axes = mirror_axes_of(config.get("eval_mirror_axes", "dhw"), config["dims"]) if mirror else ()
         probs = predict_probabilities(eval_view(model), image, patch=sliding_window(config["patch"], config["dims"]),
-                                      overlap=overlap,
-                                      mirror=mirror, batch_size=batch_size)
+                                      overlap=overlap, mirror=axes, batch_size=batch_size)
         labels = back_to_input_grid(probs, shape)
         try:
             nifti.write_like(labels, input_path, output_path)
