@@ -409,3 +409,18 @@ def test_validation_mirrors_the_configured_axes(monkeypatch, preset, dims, final
     source = type("S", (), {"num_classes": 3})()
     tasks.SEGMENTATION.validate(None, source, cfg, final=final)
     assert seen["mirror"] == want and seen["baseline"] == final
+
+
+@pytest.mark.parametrize("recorded,want", [(None, (1, 2, 3)), ("w", (3,))])
+def test_predict_mirror_follows_the_runs_axes(tmp_path, monkeypatch, recorded, want):
+    """--mirror flips the axes the run recorded; a run from before the setting mirrors all three."""
+    workdir = _make_run(tmp_path, monkeypatch)
+    if recorded is not None:
+        config = json.loads((workdir / "config.json").read_text())
+        (workdir / "config.json").write_text(json.dumps({**config, "eval_mirror_axes": recorded}))
+    seen = []
+    original = ev.predict_probabilities
+    monkeypatch.setattr(ev, "predict_probabilities", lambda *a, **k: seen.append(k["mirror"]) or original(*a, **k))
+    path, _, _ = _input_file(tmp_path)
+    assert predict.main(["--workdir", str(workdir), "--input", path, "--output", str(tmp_path / "s.nii"), "--mirror"]) == 0
+    assert seen == [want]

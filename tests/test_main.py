@@ -54,6 +54,7 @@ def test_help_documents_every_flag():
         (["--init=bogus"], "init"),
         (["--mesh=data=3"], "mesh"),  # one CPU device here
         (["--labelled_fraction=0"], "labelled_fraction"),
+        (["--eval_mirror_axes=dx"], "eval_mirror_axes"),
         # Reached in the run, after the data is opened: a directory that is not a finished run.
         (["--preset=cpu-tiny", "--init=scratch", "--teacher=tests"], "teacher"),
     ],
