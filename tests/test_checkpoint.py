@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from train import run, tensorboard, trainer
-from train.checkpoint import CheckpointError, CheckpointFallbackWarning, Checkpoints, load_arrays
+from train.checkpoint import CheckpointError, CheckpointFallbackWarning, Checkpoints, load_arrays, score_of
 from train.config import preset
 
 
@@ -35,7 +35,7 @@ def _save_steps(directory, steps, *, keep=5, dice=None):
         for step in steps:
             next(iterator)
             state = {"w": jnp.arange(500.0) + step, "step": jnp.array(step)}
-            checkpoints.save(step, state, iterator, val_dice=dice.get(step))
+            checkpoints.save(step, state, iterator, score=dice.get(step))
     return state
 
 
@@ -85,6 +85,13 @@ def test_keeps_the_last_n_and_the_best(tmp_path):
     step, tree = load_arrays(directory, "best")
     assert step == 2
     np.testing.assert_array_equal(tree["w"], np.arange(500.0) + 2)
+
+
+def test_score_of_reads_the_task_score_and_the_older_dice_key():
+    assert score_of({"val_score": 0.7}) == 0.7  # a classification run's score, not a Dice
+    assert score_of({"val_dice_mean": 0.6}) == 0.6  # checkpoints written before the key was val_score
+    assert score_of({"val_score": None}) == -np.inf  # saved between validations
+    assert score_of(None) == -np.inf
 
 
 TINY = ["--preset=cpu-tiny", "--init=scratch", "--steps=12", "--checkpoint_every=1", "--eval_every=0",

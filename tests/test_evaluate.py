@@ -230,7 +230,7 @@ def _make_run(tmp_path, monkeypatch, *, spacing=None, shift=0.6, steps=((7, 0.9)
             _, params, rest = nnx.split(model, nnx.Param, ...)
             state = {"step": jnp.asarray(step), "params": params, "opt_state": {"mu": params}, "model_state": rest,
                      "rng": jax.random.key_data(jax.random.key(0))}
-            ck.save(step, state, val_dice=val_dice)
+            ck.save(step, state, score=val_dice)
     return workdir
 
 

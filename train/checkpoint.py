@@ -8,8 +8,11 @@ A checkpoint is an ``ocp.args.Composite`` of two items:
   run sees exactly the batches the uninterrupted run would have seen;
 - ``digest``: a CRC-32 of the state, checked on restore.
 
-The manager keeps the last N steps plus the best by validation Dice (the
-metric ``val_dice_mean``, ``None`` for steps saved between validations).
+The manager keeps the last N steps plus the best by the task's validation
+score (the metric ``val_score``: ``val_dice_mean`` for segmentation, the
+classification score for classification; ``None`` for steps saved between
+validations). Checkpoints written before the metric had that name recorded
+it as ``val_dice_mean``, which is still read.
 Restoring walks from the newest step down: a checkpoint that fails to load
 or holds non-finite numbers is moved to ``WORKDIR/checkpoints_corrupt/`` with
 a warning and the previous one is tried (a checksum mismatch counts as a failure). It never silently starts over: when
@@ -31,7 +34,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-METRIC = "val_dice_mean"
+METRIC = "val_score"
+LEGACY_METRIC = "val_dice_mean"  # the same score, as checkpoints of earlier versions recorded it
 
 
 class CheckpointError(RuntimeError):
@@ -42,8 +46,10 @@ class CheckpointFallbackWarning(RuntimeWarning):
     """The newest checkpoint was unreadable; an older one is used."""
 
 
-def _score(metrics) -> float:
-    value = (metrics or {}).get(METRIC)
+def score_of(metrics) -> float:
+    """A step's validation score from its recorded metrics; -inf for a step saved between validations."""
+    metrics = metrics or {}
+    value = metrics.get(METRIC, metrics.get(LEGACY_METRIC))
     return -math.inf if value is None else float(value)
 
 
@@ -85,11 +91,11 @@ class Checkpoints:
         policy = ocp.checkpoint_managers.AnyPreservationPolicy(
             [
                 ocp.checkpoint_managers.LatestN(n=self.keep),
-                ocp.checkpoint_managers.BestN(get_metric_fn=_score, n=1, keep_checkpoints_without_metrics=False),
+                ocp.checkpoint_managers.BestN(get_metric_fn=score_of, n=1, keep_checkpoints_without_metrics=False),
             ]
         )
         options = ocp.CheckpointManagerOptions(
-            best_fn=_score,  # makes the manager record metrics and answer best_step()
+            best_fn=score_of,  # makes the manager record metrics and answer best_step()
             best_mode="max",
             preservation_policy=policy,
             enable_async_checkpointing=self.async_save,
@@ -108,11 +114,14 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def best_step(self) -> int | None:
-        """The step with the highest validation Dice (the newest when none was validated)."""
+        """The step with the highest validation score (the newest when none was validated)."""
         return self.manager.best_step()
 
-    def save(self, step: int, state: Any, data_iterator=None, *, val_dice: float | None = None) -> bool:
+    def save(self, step: int, state: Any, data_iterator=None, *, score: float | None = None) -> bool:
         """Starts saving ``state`` (and the iterator position) as ``step``.
+
+        ``score`` is the task's validation score at this step (None when the
+        step was not validated); 'best' picks the step with the highest.
 
         Returns False when ``step`` is already on disk. The iterator state is
         captured before this returns, so training may continue at once.
@@ -125,7 +134,7 @@ class Checkpoints:
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         return self.manager.save(
-            int(step), args=ocp.args.Composite(**items), metrics={METRIC: val_dice}, force=True
+            int(step), args=ocp.args.Composite(**items), metrics={METRIC: score}, force=True
         )
 
     def _restore_step(self, step: int, abstract_state, data_iterator):
@@ -222,12 +231,12 @@ def _pick_step(manager, step) -> int:
 def load_arrays(directory, step: int | str = "latest") -> tuple[int, dict]:
     """``(step, tree)``: a saved train state as nested dicts of numpy arrays, on any machine.
 
-    ``step`` is an int, 'latest' or 'best' (highest validation Dice). The
+    ``step`` is an int, 'latest' or 'best' (highest validation score). The
     tree holds ``params``, ``model_state``, ``opt_state``, ``step`` and ``rng``;
     no model, mesh or device layout is needed to read it.
     """
     directory = Path(directory).absolute()
-    options = ocp.CheckpointManagerOptions(best_fn=_score, best_mode="max", read_only=True, create=False)
+    options = ocp.CheckpointManagerOptions(best_fn=score_of, best_mode="max", read_only=True, create=False)
     with ocp.CheckpointManager(directory, options=options) as manager:
         chosen = _pick_step(manager, step)
     path = directory / str(chosen) / "state"

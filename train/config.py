@@ -275,7 +275,7 @@ FLAG_HELP: dict[str, str] = {
     "each volume. Default: every device on 'data'.",
     "eval_every": "Validate (sliding-window Dice on the validation cases) every N steps; 0: only at the end.",
     "checkpoint_every": "Save a checkpoint every N steps (and always at the end).",
-    "keep_checkpoints": "Keep the last N checkpoints, plus the best by validation Dice.",
+    "keep_checkpoints": "Keep the last N checkpoints, plus the best by validation score (Dice; for classification its score).",
     "log_every": "Print a progress line and a metrics.csv row every N steps.",
     "slices_steps": "Steps of 2D training on slices for --pretrained=slices (and of VDT pre-training for vdt:).",
     "slices_batch": "Batch size (2D slices, or VDT volumes) for --pretrained=slices or vdt:.",

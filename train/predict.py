@@ -10,7 +10,7 @@ probabilities as JSON, ``{"probabilities": {"class name": p, ...}, "label":
 "the most probable class"}``; what is written is the task's
 (:mod:`train.tasks`).
 
-Restores the run's best checkpoint (by validation Dice; the newest if none was
+Restores the run's best checkpoint (by validation score; the newest if none was
 validated, or ``--checkpoint=latest``) and ``WORKDIR/config.json``, reads the
 input with the run's preprocessing (reorientation to RAS, resampling to the
 training spacing, per-channel normalisation), runs sliding-window inference,
@@ -39,10 +39,10 @@ from flax import nnx
 from acsjax.models import build_model
 from acsjax.trees import flatten, path_str
 from train import cli, tasks
+from train.checkpoint import score_of
 
 CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
-METRIC = "val_dice_mean"  # the metric train.checkpoint stores with each step
 
 
 class PredictError(Exception):
@@ -99,20 +99,16 @@ def _open_manager(directory: Path):
     """A read-only Orbax manager: safe while a training run writes to the same directory."""
     import orbax.checkpoint as ocp
 
-    def score(metrics):
-        value = (metrics or {}).get(METRIC)
-        return -np.inf if value is None else float(value)
-
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     registry.add("state", ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
-    options = ocp.CheckpointManagerOptions(read_only=True, best_fn=score, best_mode="max")
+    options = ocp.CheckpointManagerOptions(read_only=True, best_fn=score_of, best_mode="max")
     return ocp, ocp.CheckpointManager(directory.absolute(), handler_registry=registry, options=options)
 
 
 def restore_model(workdir: str, model: nnx.Module, *, which: str = "best") -> int:
     """Loads the run's checkpoint into ``model`` in place; returns the step.
 
-    ``which``: 'best' (highest validation Dice; the newest step when none was
+    ``which``: 'best' (highest validation score; the newest step when none was
     validated) or 'latest'. The train state's ``params`` and ``model_state``
     (normalisation statistics) are matched to the model by parameter path.
     """
@@ -143,7 +139,7 @@ def _has_metric(manager, step: int) -> bool:
         metrics = manager.metadata(step).metrics
     except Exception:  # an unreadable metadata file: treat the step as not validated
         return False
-    return (metrics or {}).get(METRIC) is not None
+    return score_of(metrics) != -np.inf
 
 
 def _restore_state(ocp, manager, step: int, directory: Path) -> dict:

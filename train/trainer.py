@@ -453,7 +453,7 @@ def fit(task: Task, state, iterator, progress: Progress, *, start: int, stop: in
                 if jax.process_index() == 0:
                     print(f"{progress.name} step {step:>6}/{stop}  {score} {result[score]:.4f}", flush=True)
             if save_now:
-                checkpoints.save(step, state, iterator, val_dice=result[task.kind.score] if evaluate_now else None)
+                checkpoints.save(step, state, iterator, score=result[task.kind.score] if evaluate_now else None)
     except BaseException:
         if checkpoints is not None:
             checkpoints.wait()  # whatever stopped the loop, a save under way completes
