@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from train import run, tensorboard, trainer
-from train.checkpoint import CheckpointError, CheckpointFallbackWarning, Checkpoints, load_arrays, score_of
+from train.checkpoint import CheckpointError, CheckpointFallbackWarning, Checkpoints, load_arrays
+from train.checkpoint_score import score_of
 from train.config import preset
 
 
@@ -92,6 +93,12 @@ def test_score_of_reads_the_task_score_and_the_older_dice_key():
     assert score_of({"val_dice_mean": 0.6}) == 0.6  # checkpoints written before the key was val_score
     assert score_of({"val_score": None}) == -np.inf  # saved between validations
     assert score_of(None) == -np.inf
+
+
+def test_predict_picks_the_best_step_without_grain():
+    # train.predict reads the recorded score through train.checkpoint_score, not train.checkpoint (which needs grain).
+    code = "import sys; sys.modules['grain'] = None; import train.predict"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
 TINY = ["--preset=cpu-tiny", "--init=scratch", "--steps=12", "--checkpoint_every=1", "--eval_every=0",

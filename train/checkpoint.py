@@ -21,7 +21,6 @@ steps exist but none can be read, :class:`CheckpointError` is raised.
 
 from __future__ import annotations
 
-import math
 import shutil
 import warnings
 import zlib
@@ -34,8 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-METRIC = "val_score"
-LEGACY_METRIC = "val_dice_mean"  # the same score, as checkpoints of earlier versions recorded it
+from train.checkpoint_score import METRIC, score_of
 
 
 class CheckpointError(RuntimeError):
@@ -44,13 +42,6 @@ class CheckpointError(RuntimeError):
 
 class CheckpointFallbackWarning(RuntimeWarning):
     """The newest checkpoint was unreadable; an older one is used."""
-
-
-def score_of(metrics) -> float:
-    """A step's validation score from its recorded metrics; -inf for a step saved between validations."""
-    metrics = metrics or {}
-    value = metrics.get(METRIC, metrics.get(LEGACY_METRIC))
-    return -math.inf if value is None else float(value)
 
 
 def _host_leaves(tree):

@@ -39,7 +39,7 @@ from flax import nnx
 from acsjax.models import build_model
 from acsjax.trees import flatten, path_str
 from train import cli, tasks
-from train.checkpoint import score_of
+from train.checkpoint_score import score_of
 
 CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
