@@ -15,7 +15,7 @@ import pytest
 
 from train import run, tensorboard, trainer
 from train.checkpoint import CheckpointError, CheckpointFallbackWarning, Checkpoints, load_arrays
-from train.checkpoint_score import score_of
+from train.checkpoint_score import pick_step, score_of
 from train.config import preset
 
 
@@ -93,6 +93,39 @@ def test_score_of_reads_the_task_score_and_the_older_dice_key():
     assert score_of({"val_dice_mean": 0.6}) == 0.6  # checkpoints written before the key was val_score
     assert score_of({"val_score": None}) == -np.inf  # saved between validations
     assert score_of(None) == -np.inf
+
+
+class _Manager:
+    """The part of an Orbax CheckpointManager that pick_step reads: steps and their recorded metrics."""
+
+    directory = "run/checkpoints"
+
+    def __init__(self, metrics):
+        self._metrics = metrics
+
+    def all_steps(self):
+        return list(self._metrics)
+
+    def metadata(self, step):
+        if self._metrics[step] == "unreadable":
+            raise OSError("damaged metadata")
+        return type("Metadata", (), {"metrics": self._metrics[step]})
+
+
+def test_pick_step_best_else_newest():
+    validated = _Manager({1: {"val_score": None}, 2: {"val_score": 0.9}, 3: {"val_score": 0.5}, 4: {"val_score": None}})
+    assert pick_step(validated, "best") == 2
+    assert pick_step(validated, "latest") == 4
+    assert pick_step(validated, 3) == 3
+    # nothing validated, metrics never recorded, or unreadable: 'best' is the newest step (Orbax would say None)
+    assert pick_step(_Manager({1: {"val_score": None}, 5: {"val_score": None}}), "best") == 5
+    assert pick_step(_Manager({1: None, 5: None}), "best") == 5
+    assert pick_step(_Manager({1: {"val_dice_mean": 0.4}, 5: "unreadable"}), "best") == 1
+    assert pick_step(_Manager({2: {"val_score": 0.7}, 7: {"val_score": 0.7}}), "best") == 7  # a tie: the newer
+    with pytest.raises(LookupError, match=r"run/checkpoints: no step 9; saved steps: \[1, 5\]"):
+        pick_step(_Manager({1: None, 5: None}), 9)
+    with pytest.raises(LookupError, match="run/checkpoints: no checkpoint found"):
+        pick_step(_Manager({}), "best")
 
 
 def test_predict_picks_the_best_step_without_grain():

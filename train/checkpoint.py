@@ -33,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from train.checkpoint_score import METRIC, score_of
+from train.checkpoint_score import METRIC, pick_step, score_of
 
 
 class CheckpointError(RuntimeError):
@@ -206,53 +206,22 @@ class Checkpoints:
         self.close()
 
 
-def _pick_step(manager, step) -> int:
-    steps = sorted(manager.all_steps())
-    if not steps:
-        raise CheckpointError(f"no checkpoint in {manager.directory}")
-    if step == "latest":
-        return steps[-1]
-    if step == "best":
-        return manager.best_step()
-    if int(step) not in steps:
-        raise CheckpointError(f"no step {step} in {manager.directory}; saved steps: {steps}")
-    return int(step)
-
-
 def load_arrays(directory, step: int | str = "latest") -> tuple[int, dict]:
     """``(step, tree)``: a saved train state as nested dicts of numpy arrays, on any machine.
 
-    ``step`` is an int, 'latest' or 'best' (highest validation score). The
+    ``step`` is an int, 'latest' or 'best' (highest validation score, else the newest). The
     tree holds ``params``, ``model_state``, ``opt_state``, ``step`` and ``rng``;
     no model, mesh or device layout is needed to read it.
     """
     directory = Path(directory).absolute()
     options = ocp.CheckpointManagerOptions(best_fn=score_of, best_mode="max", read_only=True, create=False)
     with ocp.CheckpointManager(directory, options=options) as manager:
-        chosen = _pick_step(manager, step)
+        try:
+            chosen = pick_step(manager, step)
+        except LookupError as err:
+            raise CheckpointError(str(err)) from None
     path = directory / str(chosen) / "state"
     checkpointer = ocp.PyTreeCheckpointer()
     tree = checkpointer.metadata(path).item_metadata.tree
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     return chosen, checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-
-
-def load_into(model, directory, step: int | str = "best") -> int:
-    """Copies a checkpoint's parameters and statistics into the NNX ``model``; returns the step.
-
-    The model must be built as the run built it (``WORKDIR/config.json``);
-    a mismatch raises a ValueError naming the first differing path.
-    """
-    from flax import nnx
-
-    from acsjax.trees import assert_fits, flatten, path_str
-
-    chosen, tree = load_arrays(directory, step)
-    saved = {}
-    for key in ("params", "model_state"):
-        # Orbax stores each NNX variable as {'value': array}.
-        saved.update({k.removesuffix("/value"): v for k, v in flatten(tree.get(key, {})).items()})
-    state = nnx.state(model)
-    assert_fits(saved, state, what=f"checkpoint step {chosen} in {directory}")
-    nnx.update(model, jax.tree_util.tree_map_with_path(lambda p, leaf: saved[path_str(p)].astype(leaf.dtype), state))
-    return chosen

@@ -39,7 +39,7 @@ from flax import nnx
 from acsjax.models import build_model
 from acsjax.trees import flatten, path_str
 from train import cli, tasks
-from train.checkpoint_score import score_of
+from train.checkpoint_score import pick_step, score_of
 
 CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -119,27 +119,15 @@ def restore_model(workdir: str, model: nnx.Module, *, which: str = "best") -> in
         raise PredictError(f"{directory}: no checkpoints (has the run saved one yet?)")
     ocp, manager = _open_manager(directory)
     try:
-        steps = manager.all_steps()
-        if not steps:
-            raise PredictError(f"{directory}: no checkpoint found")
-        step = manager.latest_step()
-        if which == "best":
-            best = manager.best_step()
-            step = best if best is not None and _has_metric(manager, best) else step
+        try:
+            step = pick_step(manager, which)
+        except LookupError as err:
+            raise PredictError(str(err)) from None
         saved = _restore_state(ocp, manager, step, directory)
     finally:
         manager.close()
     _load_into(model, saved, directory / str(step))
     return int(step)
-
-
-def _has_metric(manager, step: int) -> bool:
-    # Orbax's best_step() falls back to some step when no step has the metric.
-    try:
-        metrics = manager.metadata(step).metrics
-    except Exception:  # an unreadable metadata file: treat the step as not validated
-        return False
-    return score_of(metrics) != -np.inf
 
 
 def _restore_state(ocp, manager, step: int, directory: Path) -> dict:
