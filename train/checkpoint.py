@@ -105,8 +105,8 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def best_step(self) -> int | None:
-        """The step with the highest validation score (the newest when none was validated)."""
-        return self.manager.best_step()
+        """The step with the highest validation score (the newest when none was validated), or None."""
+        return pick_step(self.manager, "best") if self.manager.all_steps() else None
 
     def save(self, step: int, state: Any, data_iterator=None, *, score: float | None = None) -> bool:
         """Starts saving ``state`` (and the iterator position) as ``step``.
