@@ -106,7 +106,11 @@ class Checkpoints:
 
     def best_step(self) -> int | None:
         """The step with the highest validation score (the newest when none was validated), or None."""
-        return pick_step(self.manager, "best") if self.manager.all_steps() else None
+        # The writing manager holds every step's score in memory, including a
+        # step still being saved in the background; every save records the
+        # metric (None between validations), so Orbax's answer is never None
+        # while steps exist and follows the same rule as pick_step.
+        return self.manager.best_step()
 
     def save(self, step: int, state: Any, data_iterator=None, *, score: float | None = None) -> bool:
         """Starts saving ``state`` (and the iterator position) as ``step``.
@@ -214,7 +218,7 @@ def load_arrays(directory, step: int | str = "latest") -> tuple[int, dict]:
     no model, mesh or device layout is needed to read it.
     """
     directory = Path(directory).absolute()
-    options = ocp.CheckpointManagerOptions(best_fn=score_of, best_mode="max", read_only=True, create=False)
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
     with ocp.CheckpointManager(directory, options=options) as manager:
         try:
             chosen = pick_step(manager, step)

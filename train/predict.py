@@ -39,7 +39,7 @@ from flax import nnx
 from acsjax.models import build_model
 from acsjax.trees import flatten, path_str
 from train import cli, tasks
-from train.checkpoint_score import pick_step, score_of
+from train.checkpoint_score import pick_step
 
 CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -101,7 +101,7 @@ def _open_manager(directory: Path):
 
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     registry.add("state", ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
-    options = ocp.CheckpointManagerOptions(read_only=True, best_fn=score_of, best_mode="max")
+    options = ocp.CheckpointManagerOptions(read_only=True)
     return ocp, ocp.CheckpointManager(directory.absolute(), handler_registry=registry, options=options)
 
 
