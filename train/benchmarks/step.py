@@ -1,6 +1,7 @@
 """3D U-Net train-step throughput: acsjax (each conv lowering) against the same network in PyTorch.
 
   python -m train.bench step [--patch 64] [--batch 2] [--widths 16,32,64,128] [--init scale,acs] [--repeats 5] [--runs 3]
+                             [--profile DIR [--profile_by kind|shape]]
 
 One step = forward, Dice + cross-entropy loss, backward and an AdamW update,
 on random (batch, patch^3, 1) inputs with 3 classes. Reports the median step
@@ -12,6 +13,10 @@ accelerator the model FLOP utilisation against ``--peak_tflops``.
 ACS U-Net). All steps are compiled first, then timed in interleaved rounds;
 each of ``--runs`` runs gives every later init's step time over the first
 init's (same lowering), reported as min / median / max over the runs.
+
+``--profile DIR`` then traces ``--repeats`` more calls of the first acsjax
+step with the JAX profiler and prints the time per kind of XLA operation
+(:mod:`train.benchmarks.optime`): what to attack to make the step faster.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 from train import cli
 from train import config as config_lib
 from train import init, trainer
+from train.benchmarks import optime
 
 
 def _rounds(fns: dict, repeats: int) -> dict:
@@ -41,7 +47,7 @@ def _rounds(fns: dict, repeats: int) -> dict:
 
 
 def jax_step(config, batch_size: int, patch, impl: str | None):
-    """(run_once, flops) for the trainer's jitted step with the conv lowering ``impl``."""
+    """(run_once, flops, HLO text) for the trainer's jitted step with the conv lowering ``impl``."""
     from acsjax import ops
 
     if impl is not None:
@@ -72,7 +78,7 @@ def jax_step(config, batch_size: int, patch, impl: str | None):
             state["s"], metrics = compiled(state["s"], batch)
             jax.block_until_ready(metrics["loss"])
 
-    return run, flops
+    return run, flops, compiled.as_text()
 
 
 def torch_step(widths, batch_size: int, patch, threads: int):
@@ -144,6 +150,11 @@ def main(argv=None) -> int:
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (e.g. 989 for H100 bf16 dense)")
     parser.add_argument("--no_torch", action="store_true")
     parser.add_argument("--json", default="")
+    parser.add_argument("--profile", default="", metavar="DIR",
+                        help="also trace the first acsjax step with the JAX profiler into DIR and print where its time "
+                             "goes, per kind of XLA operation")
+    parser.add_argument("--profile_by", default="kind", choices=("kind", "shape"),
+                        help="group the profile's operations by kind (fusion, copy, ...) or by output shape")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.runs < 1:
         parser.error("--repeats and --runs must be >= 1")
@@ -166,11 +177,11 @@ def main(argv=None) -> int:
     dims = ", ".join(f"{name}: {c.model_dims}" for name, c in configs.items())
     print(f"U-Net {widths} ({dims}) train step, batch {args.batch} x {patch}, {args.dtype}, "
           f"device {device.device_kind} ({jax.default_backend()}), {threads} threads")
-    fns, flops = {}, {}
+    fns, flops, hlo = {}, {}, {}
     for impl in args.impls.split(","):
         for name, config in configs.items():
             key = f"acsjax ({impl}) {name} ({config.model_dims})" if len(inits) > 1 else f"acsjax ({impl})"
-            fns[key], flops[key] = jax_step(config, args.batch, patch, impl)
+            fns[key], flops[key], hlo[key] = jax_step(config, args.batch, patch, impl)
     want_torch = not args.no_torch and args.dtype == "float32" and any(c.model_dims == 3 for c in configs.values())
     if want_torch:
         try:
@@ -206,6 +217,12 @@ def main(argv=None) -> int:
     if args.peak_tflops:
         best = min(v for k, v in rows.items() if k.startswith("acsjax"))
         print(f"MFU: {ref_flops / best / 1e12 / args.peak_tflops:.1%} of {args.peak_tflops:g} TFLOP/s")
+    if args.profile:
+        name = next(iter(hlo))
+        ops = optime.profile(fns[name], hlo[name], args.repeats, args.profile, by=args.profile_by)
+        print(f"Where {name}'s step time goes ({args.repeats} traced steps; times summed over threads, "
+              f"trace in {args.profile}):")
+        print(optime.markdown(ops))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "times": times, "flops": flops, "voxels": voxels, "device": device.device_kind,

@@ -1,0 +1,54 @@
+"""The step benchmark's profile: per-operation times read back from a JAX profiler trace."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from train import bench
+from train.benchmarks import optime
+
+
+def _loop_program():
+    """A jitted program whose loop runs one matrix product 7 times, and its compiled text."""
+
+    def f(x):
+        return jax.lax.fori_loop(0, 7, lambda i, y: jnp.tanh(y @ x), x)
+
+    x = jnp.eye(64) * 0.5
+    compiled = jax.jit(f).lower(x).compile()
+    return (lambda: jax.block_until_ready(compiled(x))), compiled.as_text()
+
+
+def test_instructions_parse_names_shapes_and_opcodes():
+    _, text = _loop_program()
+    ops = optime.instructions(text)
+    assert "while" in {opcode for _, opcode in ops.values()}
+    assert all(shape.startswith(("f32[", "s32[", "pred[", "(")) for shape, _ in ops.values())
+
+
+def test_profile_counts_loop_bodies_per_run_and_skips_their_loop(tmp_path):
+    run, text = _loop_program()
+    run()
+    rows = optime.profile(run, text, runs=2, trace_dir=str(tmp_path / "trace"), by="shape")
+    by_shape = {r.key: r for r in rows}
+    # The product (fused with tanh or not) runs once per iteration: 7 times per run, at 64x64.
+    assert by_shape["f32[64,64]"].calls >= 7
+    kinds = {r.key for r in optime.profile(run, text, runs=1, trace_dir=str(tmp_path / "kinds"))}
+    assert not any(k == "while" or k.startswith("while.") for k in kinds)
+    table = optime.markdown(rows, top=1)
+    assert table.splitlines()[-1].startswith("| all |")
+
+
+def test_profile_rejects_an_unknown_grouping(tmp_path):
+    run, text = _loop_program()
+    with pytest.raises(ValueError, match="by"):
+        optime.profile(run, text, runs=1, trace_dir=str(tmp_path), by="colour")
+
+
+def test_step_benchmark_prints_where_the_time_goes(tmp_path, capsys):
+    argv = ["step", "--patch", "8", "--batch", "1", "--widths", "4,8", "--impls", "auto", "--repeats", "1",
+            "--no_torch", "--profile", str(tmp_path / "trace")]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Where acsjax (auto)'s step time goes" in out
+    assert "| all |" in out
