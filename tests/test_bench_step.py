@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from train import bench
-from train.benchmarks import optime
+from train.benchmarks import _optime as optime
 
 
 def _loop_program():

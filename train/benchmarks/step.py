@@ -16,7 +16,7 @@ init's (same lowering), reported as min / median / max over the runs.
 
 ``--profile DIR`` then traces ``--repeats`` more calls of the first acsjax
 step with the JAX profiler and prints the time per kind of XLA operation
-(:mod:`train.benchmarks.optime`): what to attack to make the step faster.
+(:mod:`train.benchmarks._optime`): what to attack to make the step faster.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import time
 
 import jax
@@ -32,7 +33,7 @@ import numpy as np
 from train import cli
 from train import config as config_lib
 from train import init, trainer
-from train.benchmarks import optime
+from train.benchmarks import _optime as optime
 
 
 def _rounds(fns: dict, repeats: int) -> dict:
@@ -219,7 +220,11 @@ def main(argv=None) -> int:
         print(f"MFU: {ref_flops / best / 1e12 / args.peak_tflops:.1%} of {args.peak_tflops:g} TFLOP/s")
     if args.profile:
         name = next(iter(hlo))
-        ops = optime.profile(fns[name], hlo[name], args.repeats, args.profile, by=args.profile_by)
+        try:
+            ops = optime.profile(fns[name], hlo[name], args.repeats, args.profile, by=args.profile_by)
+        except (ValueError, FileNotFoundError) as err:  # a backend whose trace names other events
+            print(f"error: --profile: {err}", file=sys.stderr)
+            return 2
         print(f"Where {name}'s step time goes ({args.repeats} traced steps; times summed over threads, "
               f"trace in {args.profile}):")
         print(optime.markdown(ops))

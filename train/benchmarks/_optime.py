@@ -1,5 +1,7 @@
 """Where a compiled program's time goes: per-operation times from a JAX profiler trace.
 
+A helper of the benchmarks (the leading underscore keeps it out of `python -m train.bench`'s list).
+
 On CPU, XLA runs a compiled program as a sequence of operations (fusions,
 matrix products, copies, loops over their bodies), and the JAX profiler
 records each execution under the operation's HLO name. This module runs a
