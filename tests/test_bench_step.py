@@ -53,3 +53,18 @@ def test_step_benchmark_prints_where_the_time_goes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Where acsjax (xla)'s step time goes" in out
     assert "| all |" in out
+
+
+def test_a_trace_without_the_programs_operations_is_a_one_line_profile_error(tmp_path, monkeypatch, capsys):
+    # A stand-in step (the loop program) keeps this cheap; the trace is made to hold none of its operations,
+    # as a backend whose profiler names its events otherwise would.
+    from train.benchmarks import step
+
+    run, text = _loop_program()
+    monkeypatch.setattr(step, "jax_step", lambda *args: (run, 1.0, text))
+    monkeypatch.setattr(optime, "_trace_events", lambda trace_dir: [])
+    argv = ["step", "--patch", "8", "--batch", "1", "--widths", "4,8", "--impls", "xla", "--repeats", "1",
+            "--no_torch", "--profile", str(tmp_path / "trace")]
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --profile: the profiler recorded none of the program's operations"
