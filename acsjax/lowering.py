@@ -64,6 +64,11 @@ ROW_BYTES = 4 * 2**20
 WGRAD_BYTES = 4 * 2**20
 # Forces one form ('scatter', 'gather' or 'hybrid'; tests, benchmarks); None chooses.
 FORM: str | None = None
+# Depth slices per iteration of the scans over depth. XLA:CPU runs a while loop's
+# body as many small kernels with a fixed cost per iteration; two slices per
+# iteration made the demo-width U-Net's train step about 12% faster on 2 cores
+# (`python -m train.bench step --scan_unroll 1,2`) for about 20% more compile time.
+SCAN_UNROLL = 2
 
 
 class TapPart(NamedTuple):
@@ -273,7 +278,7 @@ def _forward(spec: ConvSpec, x: jax.Array, weights: Sequence[jax.Array]) -> jax.
         return (lax.dynamic_update_slice_in_dim(y, done.astype(y.dtype), o, axis=1), open_), None
 
     y0 = jnp.zeros((x.shape[0], out_d, out_h, out_w, spec.out_channels), x.dtype)
-    (y, _), _ = lax.scan(step, (y0, open_), jnp.arange(out_d))
+    (y, _), _ = lax.scan(step, (y0, open_), jnp.arange(out_d), unroll=SCAN_UNROLL)
     return y
 
 
@@ -435,7 +440,7 @@ def _forward_gather(spec: ConvSpec, x: jax.Array, weights, form: str) -> jax.Arr
         return lax.dynamic_update_slice_in_dim(y, block(slabs, 1), o, axis=1), None
 
     y0 = jnp.zeros((x.shape[0], out_d, out_h, out_w, spec.out_channels), x.dtype)
-    y, _ = lax.scan(step, y0, jnp.arange(out_d))
+    y, _ = lax.scan(step, y0, jnp.arange(out_d), unroll=SCAN_UNROLL)
     return y
 
 
@@ -507,7 +512,7 @@ def _weight_grads(spec: ConvSpec, x: jax.Array, dy: jax.Array, dtypes) -> tuple[
             return (new if accs is None else [acc + m for acc, m in zip(accs, new)]), None
 
         init = [jnp.zeros(m.shape, m.dtype) for m in jax.eval_shape(step, None, 0)[0]]
-        mats, _ = lax.scan(step, init, jnp.arange(out_d))
+        mats, _ = lax.scan(step, init, jnp.arange(out_d), unroll=SCAN_UNROLL)
     return _split_weight_grads(spec, mats, dtypes)
 
 
@@ -753,7 +758,7 @@ def _depthwise_bwd(spec, res, dy):
         return new, None
 
     init = [jnp.zeros(w.shape, acc_dtype) for w in weights]
-    grads, _ = lax.scan(step, init, jnp.arange(dy.shape[1]))
+    grads, _ = lax.scan(step, init, jnp.arange(dy.shape[1]), unroll=SCAN_UNROLL)
     return dx, tuple(g.astype(w.dtype) for g, w in zip(grads, weights))
 
 

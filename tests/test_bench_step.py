@@ -68,3 +68,45 @@ def test_a_trace_without_the_programs_operations_is_a_one_line_profile_error(tmp
     assert bench.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: --profile: the profiler recorded none of the program's operations"
+
+
+def test_scan_unroll_counts_are_compared_with_the_first(monkeypatch, capsys):
+    # Stand-in steps (no compilation); each records the unroll count it was built with.
+    from train.benchmarks import step
+
+    run, text = _loop_program()
+    built = []
+    monkeypatch.setattr(step, "jax_step", lambda config, batch, patch, impl, unroll: (built.append(unroll), run, 1.0, text)[1:])
+    argv = ["step", "--patch", "8", "--batch", "1", "--widths", "4,8", "--impls", "xla", "--repeats", "1",
+            "--no_torch", "--scan_unroll", "1,2", "--runs", "2"]
+    assert bench.main(argv) == 0
+    assert built == [1, 2]
+    out = capsys.readouterr().out
+    assert "| acsjax (xla) unroll 2 |" in out
+    assert "| xla: unroll 2 / 1 |" in out
+
+
+def test_a_scan_unroll_below_one_names_the_flag(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["step", "--scan_unroll", "0", "--no_torch"])
+    assert "--scan_unroll" in capsys.readouterr().err
+
+
+def test_step_flops_count_every_depth_slice_whatever_the_lowering(monkeypatch):
+    # The GEMM lowering streams over depth (tiny chunks force its scans); XLA's cost analysis counts a loop body
+    # once, so a count taken from that program would not double with the depth nor stay put when the scans unroll.
+    from acsjax import lowering, ops
+    from train import config as config_lib
+    from train.benchmarks import step
+
+    config = config_lib.preset("gpu", model="unet", model_options={"widths": (4, 8), "norm": "instance"},
+                               remat="", deep_supervision=False, init="scale")
+    monkeypatch.setattr(lowering, "CHUNK_BYTES", 1)
+    with ops.use_conv_impl("gemm"):
+        counts = {}
+        for unroll in (1, 2):
+            monkeypatch.setattr(lowering, "SCAN_UNROLL", unroll)
+            counts[unroll] = [step.step_flops(config, 1, (depth, 8, 8)) for depth in (8, 16)]
+    assert counts[1] == counts[2]
+    thin, deep = counts[1]
+    assert 1.9 < deep / thin < 2.1

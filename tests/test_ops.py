@@ -105,6 +105,19 @@ def test_streaming_matches_xla(name, monkeypatch):
     _close(_run(fn, x, k, "gemm"), _run(fn, x, k, "xla"), 2e-5)
 
 
+@pytest.mark.parametrize("unroll", [1, 3])
+def test_depth_slices_per_scan_iteration_leave_values_and_gradients_unchanged(unroll, monkeypatch):
+    """7 depth slices over 1 or 3 per iteration (a remainder of 1): every scan form and the kernel gradient."""
+    monkeypatch.setattr(lowering, "SCAN_UNROLL", unroll)
+    for knob in ("CHUNK_BYTES", "ROW_BYTES", "WGRAD_BYTES"):
+        monkeypatch.setattr(lowering, knob, 1)
+    for name in ("3d-odd-pad1", "acs-odd-split0"):
+        x_shape, k_shape, fn = CASES[name]
+        x, k = _inputs(x_shape, k_shape)
+        assert f"unroll={unroll}" in _primitives(fn, x, k, "gemm")
+        _close(_run(fn, x, k, "gemm"), _run(fn, x, k, "xla"), 2e-5)
+
+
 @pytest.mark.parametrize("name", ["3d-even-same", "3d-stride2-odd", "3d-depthwise", "acs-odd-split0", "acs-depthwise"])
 def test_bfloat16(name):
     """bfloat16 in, bfloat16 out; both lowerings stay close to the float32 result."""

@@ -1,18 +1,21 @@
 """3D U-Net train-step throughput: acsjax (each conv lowering) against the same network in PyTorch.
 
   python -m train.bench step [--patch 64] [--batch 2] [--widths 16,32,64,128] [--init scale,acs] [--repeats 5] [--runs 3]
-                             [--profile DIR [--profile_by kind|shape]]
+                             [--scan_unroll 1,2] [--profile DIR [--profile_by kind|shape]]
 
 One step = forward, Dice + cross-entropy loss, backward and an AdamW update,
 on random (batch, patch^3, 1) inputs with 3 classes. Reports the median step
 time, voxels/s and achieved GFLOP/s (FLOPs from XLA's cost analysis of the
-compiled step, the same count used for the PyTorch column), and on an
+step with XLA's own convolutions, the same count used for the PyTorch column), and on an
 accelerator the model FLOP utilisation against ``--peak_tflops``.
 
 ``--init`` may list several initialisations (``scale,acs``: the 3D and the
 ACS U-Net). All steps are compiled first, then timed in interleaved rounds;
 each of ``--runs`` runs gives every later init's step time over the first
 init's (same lowering), reported as min / median / max over the runs.
+``--scan_unroll`` may list several counts of depth slices per iteration of
+the GEMM lowering's scans (:data:`acsjax.lowering.SCAN_UNROLL`); each later
+count's step time is then reported over the first's, in the same way.
 
 ``--profile DIR`` then traces ``--repeats`` more calls of the first acsjax
 step with the JAX profiler and prints the time per kind of XLA operation
@@ -47,12 +50,37 @@ def _rounds(fns: dict, repeats: int) -> dict:
     return times
 
 
-def jax_step(config, batch_size: int, patch, impl: str | None):
-    """(run_once, flops, HLO text) for the trainer's jitted step with the conv lowering ``impl``."""
-    from acsjax import ops
+def jax_step(config, batch_size: int, patch, impl: str | None, scan_unroll: int | None = None):
+    """(run_once, flops, HLO text) for the trainer's jitted step with the conv lowering ``impl``.
+
+    ``scan_unroll`` (the GEMM lowering's depth slices per scan iteration) holds while the step is traced.
+    """
+    from acsjax import lowering, ops
 
     if impl is not None:
         ops.set_conv_impl(impl)
+    if scan_unroll is not None:
+        previous, lowering.SCAN_UNROLL = lowering.SCAN_UNROLL, scan_unroll
+        try:
+            return jax_step(config, batch_size, patch, impl)
+        finally:
+            lowering.SCAN_UNROLL = previous
+    mesh, task, batch = _step_inputs(config, batch_size, patch)
+    with jax.set_mesh(mesh):
+        compiled = trainer.make_step(task).lower(task.abstract_state, batch).compile()
+        state = {"s": task.init()}
+    flops = step_flops(config, batch_size, patch)
+
+    def run():
+        with jax.set_mesh(mesh):
+            state["s"], metrics = compiled(state["s"], batch)
+            jax.block_until_ready(metrics["loss"])
+
+    return run, flops, compiled.as_text()
+
+
+def _step_inputs(config, batch_size: int, patch):
+    """(mesh, task, batch) of the trainer's step on one device, 3 classes, random data."""
     mesh = trainer.make_mesh("data=1,space=1", devices=jax.devices()[:1])
     build = init.model_fn(config, in_channels=1, num_classes=3, dims=config.model_dims)
     schedule = trainer.make_schedule(config.lr, 1000, 10)
@@ -66,20 +94,22 @@ def jax_step(config, batch_size: int, patch, impl: str | None):
         },
         mesh,
     )
-    with jax.set_mesh(mesh):
-        step = trainer.make_step(task)
-        compiled = step.lower(task.abstract_state, batch).compile()
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        flops = float(cost.get("flops", 0.0))
-        state = {"s": task.init()}
+    return mesh, task, batch
 
-    def run():
-        with jax.set_mesh(mesh):
-            state["s"], metrics = compiled(state["s"], batch)
-            jax.block_until_ready(metrics["loss"])
 
-    return run, flops, compiled.as_text()
+def step_flops(config, batch_size: int, patch) -> float:
+    """FLOPs of one train step, from XLA's cost analysis of the step traced with XLA's own convolutions.
+
+    The analysis counts a loop body once, whatever its trip count, so the GEMM lowering's scans over depth
+    would be undercounted; the step is only traced and lowered here, not compiled.
+    """
+    from acsjax import ops
+
+    mesh, task, batch = _step_inputs(config, batch_size, patch)
+    with jax.set_mesh(mesh), ops.use_conv_impl("xla"):
+        cost = trainer.make_step(task).lower(task.abstract_state, batch).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0))
 
 
 def torch_step(widths, batch_size: int, patch, threads: int):
@@ -149,6 +179,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per step and run")
     parser.add_argument("--runs", type=int, default=1, help="runs; the ratios' min/median/max are over runs")
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (e.g. 989 for H100 bf16 dense)")
+    parser.add_argument("--scan_unroll", type=cli.int_list, default=None,
+                        help="comma-separated depth slices per scan iteration of the GEMM lowering to compare "
+                             "(default: the library's)")
     parser.add_argument("--no_torch", action="store_true")
     parser.add_argument("--json", default="")
     parser.add_argument("--profile", default="", metavar="DIR",
@@ -159,6 +192,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.runs < 1:
         parser.error("--repeats and --runs must be >= 1")
+    unrolls = tuple(args.scan_unroll) if args.scan_unroll else (None,)
+    if any(u is not None and u < 1 for u in unrolls):
+        parser.error("--scan_unroll: every count must be >= 1")
     patch = config_lib.parse_patch(args.patch)
     widths = tuple(args.widths)
     inits = args.init.split(",")
@@ -181,8 +217,9 @@ def main(argv=None) -> int:
     fns, flops, hlo = {}, {}, {}
     for impl in args.impls.split(","):
         for name, config in configs.items():
-            key = f"acsjax ({impl}) {name} ({config.model_dims})" if len(inits) > 1 else f"acsjax ({impl})"
-            fns[key], flops[key], hlo[key] = jax_step(config, args.batch, patch, impl)
+            for unroll in unrolls:
+                key = _row_name(impl, name, config.model_dims, unroll, len(inits) > 1, len(unrolls) > 1)
+                fns[key], flops[key], hlo[key] = jax_step(config, args.batch, patch, impl, unroll)
     want_torch = not args.no_torch and args.dtype == "float32" and any(c.model_dims == 3 for c in configs.values())
     if want_torch:
         try:
@@ -197,7 +234,7 @@ def main(argv=None) -> int:
         run_times = _rounds(fns, args.repeats)
         for name, t in run_times.items():
             times[name] += t
-        per_run.append(_init_ratios({n: statistics.median(t) for n, t in run_times.items()}, args.impls, configs))
+        per_run.append(_ratios({n: statistics.median(t) for n, t in run_times.items()}, args.impls, configs, unrolls))
     rows = {name: statistics.median(t) for name, t in times.items()}
     torch_s = rows.get("PyTorch")
     print(f"{args.runs} run(s) x {args.repeats} interleaved steps per row")
@@ -235,14 +272,27 @@ def main(argv=None) -> int:
     return 0
 
 
-def _init_ratios(median: dict, impls: str, configs: dict) -> dict:
-    """Per lowering: every later init's step time over the first init's."""
+def _row_name(impl: str, init_name: str, dims, unroll, several_inits: bool, several_unrolls: bool) -> str:
+    name = f"acsjax ({impl})"
+    if several_inits:
+        name += f" {init_name} ({dims})"
+    if several_unrolls:
+        name += f" unroll {unroll}"
+    return name
+
+
+def _ratios(median: dict, impls: str, configs: dict, unrolls: tuple) -> dict:
+    """Per lowering: every later init's step time over the first init's, and every later unroll's over the first's."""
     names = list(configs)
+    key = lambda impl, n, u: _row_name(impl, n, configs[n].model_dims, u, len(names) > 1, len(unrolls) > 1)  # noqa: E731
     out = {}
     for impl in impls.split(","):
-        key = lambda n: f"acsjax ({impl}) {n} ({configs[n].model_dims})"  # noqa: E731
         for name in names[1:]:
-            out[f"{impl}: {name} / {names[0]}"] = median[key(name)] / median[key(names[0])]
+            out[f"{impl}: {name} / {names[0]}"] = median[key(impl, name, unrolls[0])] / median[key(impl, names[0], unrolls[0])]
+        for unroll in unrolls[1:]:
+            for name in names:
+                label = f"{impl}: unroll {unroll} / {unrolls[0]}" + (f" ({name})" if len(names) > 1 else "")
+                out[label] = median[key(impl, name, unroll)] / median[key(impl, name, unrolls[0])]
     return out
 
 
