@@ -66,8 +66,9 @@ WGRAD_BYTES = 4 * 2**20
 FORM: str | None = None
 # Depth slices per iteration of the scans over depth. XLA:CPU runs a while loop's
 # body as many small kernels with a fixed cost per iteration; two slices per
-# iteration made the demo-width U-Net's train step about 12% faster on 2 cores
-# (`python -m train.bench step --scan_unroll 1,2`) for about 20% more compile time.
+# iteration took the demo-width U-Net's train step to 0.87x its time on 2 cores
+# (`python -m train.bench step --scan_unroll 1,2`; README, *Speed on this CPU*)
+# for about 9 s more compilation in the demo. Values do not change.
 SCAN_UNROLL = 2
 
 
