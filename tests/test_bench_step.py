@@ -61,7 +61,8 @@ def test_a_trace_without_the_programs_operations_is_a_one_line_profile_error(tmp
     from train.benchmarks import step
 
     run, text = _loop_program()
-    monkeypatch.setattr(step, "jax_step", lambda *args: (run, 1.0, text))
+    monkeypatch.setattr(step, "jax_step", lambda *args: (run, text))
+    monkeypatch.setattr(step, "step_flops", lambda *args: 1.0)
     monkeypatch.setattr(optime, "_trace_events", lambda trace_dir: [])
     argv = ["step", "--patch", "8", "--batch", "1", "--widths", "4,8", "--impls", "xla", "--repeats", "1",
             "--no_torch", "--profile", str(tmp_path / "trace")]
@@ -76,7 +77,8 @@ def test_scan_unroll_counts_are_compared_with_the_first(monkeypatch, capsys):
 
     run, text = _loop_program()
     built = []
-    monkeypatch.setattr(step, "jax_step", lambda config, batch, patch, impl, unroll: (built.append(unroll), run, 1.0, text)[1:])
+    monkeypatch.setattr(step, "jax_step", lambda config, batch, patch, impl, unroll: (built.append(unroll), run, text)[1:])
+    monkeypatch.setattr(step, "step_flops", lambda *args: 1.0)
     argv = ["step", "--patch", "8", "--batch", "1", "--widths", "4,8", "--impls", "xla", "--repeats", "1",
             "--no_torch", "--scan_unroll", "1,2", "--runs", "2"]
     assert bench.main(argv) == 0

@@ -51,7 +51,7 @@ def _rounds(fns: dict, repeats: int) -> dict:
 
 
 def jax_step(config, batch_size: int, patch, impl: str | None, scan_unroll: int | None = None):
-    """(run_once, flops, HLO text) for the trainer's jitted step with the conv lowering ``impl``.
+    """(run_once, HLO text) for the trainer's jitted step with the conv lowering ``impl``.
 
     ``scan_unroll`` (the GEMM lowering's depth slices per scan iteration) holds while the step is traced.
     """
@@ -69,14 +69,13 @@ def jax_step(config, batch_size: int, patch, impl: str | None, scan_unroll: int 
     with jax.set_mesh(mesh):
         compiled = trainer.make_step(task).lower(task.abstract_state, batch).compile()
         state = {"s": task.init()}
-    flops = step_flops(config, batch_size, patch)
 
     def run():
         with jax.set_mesh(mesh):
             state["s"], metrics = compiled(state["s"], batch)
             jax.block_until_ready(metrics["loss"])
 
-    return run, flops, compiled.as_text()
+    return run, compiled.as_text()
 
 
 def _step_inputs(config, batch_size: int, patch):
@@ -214,12 +213,15 @@ def main(argv=None) -> int:
     dims = ", ".join(f"{name}: {c.model_dims}" for name, c in configs.items())
     print(f"U-Net {widths} ({dims}) train step, batch {args.batch} x {patch}, {args.dtype}, "
           f"device {device.device_kind} ({jax.default_backend()}), {threads} threads")
+    # The FLOPs depend on the network, not on how its convolutions are lowered: counted once per init.
+    config_flops = {name: step_flops(config, args.batch, patch) for name, config in configs.items()}
     fns, flops, hlo = {}, {}, {}
     for impl in args.impls.split(","):
         for name, config in configs.items():
             for unroll in unrolls:
                 key = _row_name(impl, name, config.model_dims, unroll, len(inits) > 1, len(unrolls) > 1)
-                fns[key], flops[key], hlo[key] = jax_step(config, args.batch, patch, impl, unroll)
+                fns[key], hlo[key] = jax_step(config, args.batch, patch, impl, unroll)
+                flops[key] = config_flops[name]
     want_torch = not args.no_torch and args.dtype == "float32" and any(c.model_dims == 3 for c in configs.values())
     if want_torch:
         try:
