@@ -67,6 +67,21 @@ def test_cli_bad_flag_exits_with_one_line(argv, flag, tmp_path):
     assert lines[0].startswith(f"error: --{flag}: "), lines[0]
 
 
+def test_a_bad_setting_is_refused_before_jax_is_imported(tmp_path):
+    """Checking the settings needs no JAX, so a mistyped flag answers at once (tens of ms, not an import of seconds)."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['train.main', '--workdir={tmp_path}', '--init=bogus']\n"
+        "try:\n"
+        "    runpy.run_module('train.main', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    print('EXIT', e.code, 'jax' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["EXIT", "2", "False"], proc.stdout + proc.stderr
+    assert proc.stderr.strip().startswith("error: --init: "), proc.stderr
+
+
 @pytest.mark.parametrize(
     "argv, flag",
     [

@@ -28,10 +28,11 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: unexpected arguments {argv[1:]}; every setting is a --flag (see --help)")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    # Settings are checked before JAX is imported, so a bad flag costs the user no wait.
+    config = config_lib.from_flags()
     from train import run, trainer  # after flag parsing: --help stays fast and JAX untouched
 
     trainer.maybe_initialize_distributed()
-    config = config_lib.from_flags()
     trainer.use_compilation_cache(config.cache_path)
     run.train_and_evaluate(config)
 
