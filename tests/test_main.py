@@ -68,7 +68,7 @@ def test_cli_bad_flag_exits_with_one_line(argv, flag, tmp_path):
 
 
 def test_a_bad_setting_is_refused_before_jax_is_imported(tmp_path):
-    """Checking the settings needs no JAX, so a mistyped flag answers at once (tens of ms, not an import of seconds)."""
+    """Checking the settings needs no JAX, so a mistyped flag is answered at once, not after seconds of importing JAX."""
     code = (
         "import runpy, sys\n"
         f"sys.argv = ['train.main', '--workdir={tmp_path}', '--init=bogus']\n"
